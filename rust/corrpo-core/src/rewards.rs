@@ -1,0 +1,178 @@
+//! CorR-PO regularized rewards and group advantages (SPEC 5).
+
+use crate::error::{Error, Result};
+use std::str::FromStr;
+
+/// Added to the group standard deviation in `grpo` advantages, as in verl.
+pub const GRPO_EPS: f64 = 1e-6;
+
+/// Where the correlation term applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Gate {
+    /// Every rollout.
+    #[default]
+    None,
+    /// Only rollouts whose external reward is at least the threshold, so a wrong answer is
+    /// never paid for its geometry.
+    Correct,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Advantage {
+    /// (r - mean) / (std + 1e-6) per group, unbiased std.
+    #[default]
+    Grpo,
+    /// r - mean per group (Dr. GRPO: no std normalization).
+    DrGrpo,
+    /// The regularized reward itself, no baseline.
+    None,
+}
+
+macro_rules! named_enum {
+    ($ty:ty, $what:literal, $($variant:path => $name:literal),+) => {
+        impl $ty {
+            pub fn name(self) -> &'static str {
+                match self { $($variant => $name),+ }
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    $($name => Ok($variant),)+
+                    _ => Err(format!(concat!($what, " must be one of {:?}, got {:?}"), [$($name),+], s)),
+                }
+            }
+        }
+    };
+}
+
+named_enum!(Gate, "gate", Gate::None => "none", Gate::Correct => "correct");
+named_enum!(Advantage, "advantage", Advantage::Grpo => "grpo", Advantage::DrGrpo => "drgrpo", Advantage::None => "none");
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RegularizeConfig {
+    pub coef: f64,
+    pub gate: Gate,
+    pub threshold: f64,
+    pub advantage: Advantage,
+}
+
+impl Default for RegularizeConfig {
+    fn default() -> Self {
+        RegularizeConfig { coef: 0.1, gate: Gate::None, threshold: 1.0, advantage: Advantage::Grpo }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Regularized {
+    /// r - coef * rho where the term applies, else r.
+    pub rewards: Vec<f64>,
+    pub advantages: Vec<f64>,
+    /// Whether the correlation term changed this rollout's reward.
+    pub applied: Vec<bool>,
+    /// Whether rho was undefined (NaN) and so contributed nothing.
+    pub rho_undefined: Vec<bool>,
+}
+
+/// r~ = r - coef * rho per rollout, then advantages per group. `rewards` of `None` means
+/// verifier-free (r = 0). `group_sizes` partitions the rollouts in order.
+pub fn regularize(
+    rewards: Option<&[f64]>,
+    rho: &[f64],
+    group_sizes: &[usize],
+    config: RegularizeConfig,
+) -> Result<Regularized> {
+    let n = rho.len();
+    check(rewards, rho, group_sizes, &config)?;
+
+    let mut out = Regularized {
+        rewards: Vec::with_capacity(n),
+        advantages: Vec::with_capacity(n),
+        applied: Vec::with_capacity(n),
+        rho_undefined: Vec::with_capacity(n),
+    };
+    for (i, &rho_i) in rho.iter().enumerate() {
+        let r = rewards.map_or(0.0, |r| r[i]);
+        let undefined = rho_i.is_nan();
+        let gated_in = match config.gate {
+            Gate::None => true,
+            Gate::Correct => r >= config.threshold,
+        };
+        let applied = gated_in && !undefined && config.coef != 0.0;
+        out.rewards.push(if applied { r - config.coef * rho_i } else { r });
+        out.applied.push(applied);
+        out.rho_undefined.push(undefined);
+    }
+
+    let mut start = 0;
+    for &size in group_sizes {
+        let group = &out.rewards[start..start + size];
+        out.advantages.extend(group_advantages(group, config.advantage));
+        start += size;
+    }
+    Ok(out)
+}
+
+fn check(rewards: Option<&[f64]>, rho: &[f64], group_sizes: &[usize], config: &RegularizeConfig) -> Result<()> {
+    let n = rho.len();
+    if let Some(r) = rewards {
+        if r.len() != n {
+            return Err(Error::Shape(format!("{} rewards for {n} correlations", r.len())));
+        }
+        if let Some(i) = r.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Value { field: "rewards", index: i, reason: format!("{} is not finite", r[i]) });
+        }
+    }
+    if let Some(i) = rho.iter().position(|v| !(v.is_nan() || (-1.0..=1.0).contains(v))) {
+        return Err(Error::Value {
+            field: "rho",
+            index: i,
+            reason: format!("{} is not a correlation in [-1, 1] (NaN marks an undefined one)", rho[i]),
+        });
+    }
+    if let Some(g) = group_sizes.iter().position(|&s| s == 0) {
+        return Err(Error::Value {
+            field: "group_sizes",
+            index: g,
+            reason: "a group must hold at least one rollout".into(),
+        });
+    }
+    let total: usize = group_sizes.iter().sum();
+    if total != n {
+        return Err(Error::Shape(format!("group sizes add up to {total} rollouts, but {n} were given")));
+    }
+    if !config.coef.is_finite() {
+        return Err(Error::Config(format!("coef must be finite, got {}", config.coef)));
+    }
+    if config.gate == Gate::Correct {
+        if rewards.is_none() {
+            return Err(Error::Config("gate \"correct\" needs external rewards to compare with the threshold".into()));
+        }
+        if !config.threshold.is_finite() {
+            return Err(Error::Config(format!("threshold must be finite, got {}", config.threshold)));
+        }
+    }
+    Ok(())
+}
+
+/// Advantages of one group. A group of one has no baseline and gets 0 under `grpo` and
+/// `drgrpo`.
+fn group_advantages(r: &[f64], mode: Advantage) -> Vec<f64> {
+    let n = r.len();
+    if mode == Advantage::None {
+        return r.to_vec();
+    }
+    if n == 1 {
+        return vec![0.0];
+    }
+    let mean = r.iter().sum::<f64>() / n as f64;
+    match mode {
+        Advantage::DrGrpo => r.iter().map(|x| x - mean).collect(),
+        _ => {
+            let var = r.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
+            let denom = var.sqrt() + GRPO_EPS;
+            r.iter().map(|x| (x - mean) / denom).collect()
+        }
+    }
+}

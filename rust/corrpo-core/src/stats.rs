@@ -1,0 +1,403 @@
+//! Per-token statistics of softmax(z / tau) from ONE read of the logits (SPEC 2).
+//!
+//! Each row is swept once with online accumulators relative to a running maximum m:
+//! S0 = sum e^u, S1 = sum e^u u, S2 = sum e^2u with u = (z - m) / tau. Blocks of
+//! 4 vectors accumulate in f32 registers and are flushed into f64 every few blocks, so f32
+//! rounding never sees more than a few dozen terms. The emitted token is left out of the
+//! sweep and merged in f64 at the end: that gives 1 - p_y and sum_{j != y} p_j^2 directly,
+//! so grad_norm keeps full precision when p_y is close to 1 instead of cancelling.
+
+use crate::element::Element;
+use crate::error::{Error, Location, LogitsFault, Result, TokenFault};
+use crate::math::{EXP_UNDERFLOW, exp_nonpositive};
+use crate::simd::{Isa, Portable, Simd};
+use rayon::prelude::*;
+
+/// Vectors per block: independent accumulator chains that hide FMA latency.
+const UNROLL: usize = 4;
+/// Blocks between f32 -> f64 flushes.
+const FLUSH_EVERY: usize = 8;
+/// Widest vector, in lanes; sizes the padded tail buffer.
+const MAX_LANES: usize = 16;
+/// A rise of the running maximum by more than this (in units of u) underflows every
+/// earlier term to 0 in f64.
+const F64_EXP_UNDERFLOW: f64 = 745.0;
+
+/// A read-only [rows, cols] matrix of logits whose rows may be `row_stride` elements apart
+/// (a slice of a padded-vocabulary tensor needs no copy).
+#[derive(Clone, Copy, Debug)]
+pub struct Logits<'a, E> {
+    data: &'a [E],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a, E: Element> Logits<'a, E> {
+    pub fn new(data: &'a [E], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
+        if row_stride < cols && rows > 1 {
+            return Err(Error::Shape(format!("row stride {row_stride} is smaller than the row length {cols}")));
+        }
+        let needed = if rows == 0 { 0 } else { (rows - 1) * row_stride + cols };
+        if data.len() < needed {
+            return Err(Error::Shape(format!(
+                "logits buffer holds {} elements, but {rows} rows of {cols} with stride {row_stride} need {needed}",
+                data.len()
+            )));
+        }
+        Ok(Logits { data, rows, cols, row_stride })
+    }
+
+    /// A contiguous [rows, cols] matrix.
+    pub fn contiguous(data: &'a [E], cols: usize) -> Result<Self> {
+        if cols == 0 {
+            return Err(Error::Shape("logits have a vocabulary of size 0".into()));
+        }
+        if !data.len().is_multiple_of(cols) {
+            return Err(Error::Shape(format!("{} logits do not divide into rows of {cols}", data.len())));
+        }
+        Self::new(data, data.len() / cols, cols, cols)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn row(&self, r: usize) -> &'a [E] {
+        &self.data[r * self.row_stride..r * self.row_stride + self.cols]
+    }
+}
+
+/// Options of [`token_stats`].
+#[derive(Clone, Copy, Debug)]
+pub struct StatsOptions {
+    /// Softmax temperature tau > 0: the statistics are of softmax(z / tau).
+    pub temperature: f64,
+    /// The instruction set; [`Isa::detect`] when `None`.
+    pub isa: Option<Isa>,
+}
+
+impl Default for StatsOptions {
+    fn default() -> Self {
+        StatsOptions { temperature: 1.0, isa: None }
+    }
+}
+
+/// Per-token statistics, one entry per row.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenStats {
+    /// H = -sum p log p, in nats.
+    pub entropy: Vec<f32>,
+    /// log p_y.
+    pub logprob: Vec<f32>,
+    /// c = sum p^2.
+    pub collision: Vec<f32>,
+    /// G = ||p - onehot(y)||_2, the norm of d(-log p_y)/dz.
+    pub grad_norm: Vec<f32>,
+    /// G * ||h||: the nuclear norm of the token's LM-head weight gradient (p - e_y) h^T.
+    pub head_grad_norm: Option<Vec<f32>>,
+}
+
+/// The statistics of one row, in f64 before the final rounding.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowStats {
+    pub entropy: f64,
+    pub logprob: f64,
+    pub collision: f64,
+    pub grad_norm: f64,
+}
+
+/// Computes [`TokenStats`] for every row, in parallel over rows. Results are bit-identical
+/// for any number of threads: each row is reduced by exactly one thread in a fixed order.
+pub fn token_stats<E: Element>(
+    logits: Logits<'_, E>,
+    token_ids: &[i64],
+    hidden_norms: Option<&[f32]>,
+    options: StatsOptions,
+) -> Result<TokenStats> {
+    let rows = logits.rows();
+    if token_ids.len() != rows {
+        return Err(Error::Shape(format!("{} token ids for {rows} rows of logits", token_ids.len())));
+    }
+    if let Some(h) = hidden_norms {
+        if h.len() != rows {
+            return Err(Error::Shape(format!("{} hidden norms for {rows} rows of logits", h.len())));
+        }
+        if let Some(i) = h.iter().position(|x| !(x.is_finite() && *x >= 0.0)) {
+            return Err(Error::Value {
+                field: "hidden_norms",
+                index: i,
+                reason: format!("{} is not a finite non-negative norm", h[i]),
+            });
+        }
+    }
+    let inv_tau = inverse_temperature(options.temperature)?;
+    let isa = options.isa.unwrap_or_else(Isa::detect);
+    if !isa.is_supported() {
+        return Err(Error::Config(format!("this CPU does not support the {isa} instruction set")));
+    }
+
+    // Small rows are batched per task so scheduling does not dominate.
+    let min_rows_per_task = (16_384 / logits.cols().max(1)).max(1);
+    let per_row: Vec<Result<RowStats>> = (0..rows)
+        .into_par_iter()
+        .with_min_len(min_rows_per_task)
+        .map(|r| row_stats(logits.row(r), token_ids[r], inv_tau, isa).map_err(|f| f.at(r)))
+        .collect();
+
+    let mut out = TokenStats {
+        entropy: Vec::with_capacity(rows),
+        logprob: Vec::with_capacity(rows),
+        collision: Vec::with_capacity(rows),
+        grad_norm: Vec::with_capacity(rows),
+        head_grad_norm: hidden_norms.map(|_| Vec::with_capacity(rows)),
+    };
+    for (r, row) in per_row.into_iter().enumerate() {
+        let s = row?;
+        out.entropy.push(s.entropy as f32);
+        out.logprob.push(s.logprob as f32);
+        out.collision.push(s.collision as f32);
+        out.grad_norm.push(s.grad_norm as f32);
+        if let (Some(head), Some(h)) = (out.head_grad_norm.as_mut(), hidden_norms) {
+            head.push((s.grad_norm * f64::from(h[r])) as f32);
+        }
+    }
+    Ok(out)
+}
+
+/// Validates tau and returns 1/tau as the f32 the sweep multiplies by.
+pub fn inverse_temperature(temperature: f64) -> Result<f32> {
+    let inv = (1.0 / temperature) as f32;
+    if !(temperature > 0.0 && temperature.is_finite() && inv.is_finite() && inv > 0.0) {
+        return Err(Error::Config(format!(
+            "temperature must be a finite number > 0 whose inverse is a finite float32, got {temperature}"
+        )));
+    }
+    Ok(inv)
+}
+
+/// A row-level fault before its location is known.
+#[derive(Debug)]
+pub enum RowFault {
+    Logits(LogitsFault),
+    Token(TokenFault),
+}
+
+impl RowFault {
+    fn at(self, row: usize) -> Error {
+        let at = Location::row(row);
+        match self {
+            RowFault::Logits(fault) => Error::Logits { at, fault },
+            RowFault::Token(fault) => Error::Token { at, fault },
+        }
+    }
+}
+
+/// The statistics of one row of logits with emitted token `token`.
+pub fn row_stats<E: Element>(row: &[E], token: i64, inv_tau: f32, isa: Isa) -> std::result::Result<RowStats, RowFault> {
+    let vocab = row.len();
+    let y = usize::try_from(token)
+        .ok()
+        .filter(|&y| y < vocab)
+        .ok_or(RowFault::Token(TokenFault::OutOfRange { token, vocab }))?;
+
+    let mut acc = Online::EMPTY;
+    sweep(isa, &row[..y], inv_tau, &mut acc);
+    sweep(isa, &row[y + 1..], inv_tau, &mut acc);
+    let z_y = row[y].to_f32();
+
+    if acc.is_finite() && z_y.is_finite() {
+        return Ok(acc.finish(z_y, inv_tau));
+    }
+    if let Some((col, value)) = first_non_finite(row) {
+        return Err(RowFault::Logits(LogitsFault::NonFinite { col, value }));
+    }
+    debug_assert_eq!(z_y, f32::NEG_INFINITY, "finite logits left a non-finite accumulator");
+    // A -inf target among finite entries is a token problem; a row of -inf is a logits one.
+    Err(if acc.s0 > 0.0 {
+        RowFault::Token(TokenFault::ImpossibleToken { token })
+    } else {
+        RowFault::Logits(LogitsFault::AllNegInf)
+    })
+}
+
+fn first_non_finite<E: Element>(row: &[E]) -> Option<(usize, f32)> {
+    row.iter().map(|x| x.to_f32()).enumerate().find(|(_, x)| x.is_nan() || *x == f32::INFINITY)
+}
+
+/// Online softmax moments of the entries seen so far, relative to their maximum `m`
+/// (in logit units): S0 = sum e^u, S1 = sum e^u u, S2 = sum e^2u, u = (z - m) / tau.
+#[derive(Clone, Copy, Debug)]
+struct Online {
+    m: f32,
+    s0: f64,
+    s1: f64,
+    s2: f64,
+}
+
+impl Online {
+    /// `m` starts at the lowest finite value, not -inf, so that u = z - m is -inf (not NaN)
+    /// for -inf entries; with S0 = 0 the starting m carries no weight.
+    const EMPTY: Online = Online { m: f32::MIN, s0: 0.0, s1: 0.0, s2: 0.0 };
+
+    fn is_finite(&self) -> bool {
+        self.m.is_finite() && self.s0.is_finite() && self.s1.is_finite() && self.s2.is_finite()
+    }
+
+    /// Moves the reference point up to `m_new` >= m.
+    fn raise(&mut self, m_new: f32, inv_tau: f32) {
+        let d = (f64::from(m_new) - f64::from(self.m)) * f64::from(inv_tau);
+        // `d` may be +inf (a huge rise at a tiny temperature); NaN cannot occur here.
+        if self.s0 == 0.0 || d >= F64_EXP_UNDERFLOW {
+            *self = Online { m: m_new, ..Online::EMPTY };
+            return;
+        }
+        let s = (-d).exp();
+        self.s1 = s * (self.s1 - d * self.s0);
+        self.s0 *= s;
+        self.s2 *= s * s;
+        self.m = m_new;
+    }
+
+    /// Merges the emitted token's logit and derives the statistics (all in f64).
+    fn finish(self, z_y: f32, inv_tau: f32) -> RowStats {
+        let inv_tau = f64::from(inv_tau);
+        let (m, z_y) = (f64::from(self.m), f64::from(z_y));
+        let top = m.max(z_y);
+        // Moments of the other entries relative to `top`; the target's own u is d_y.
+        let (s0, s1, s2) = if self.s0 > 0.0 {
+            let d = (m - top) * inv_tau;
+            let s = d.exp();
+            (s * self.s0, s * (self.s1 + d * self.s0), s * s * self.s2)
+        } else {
+            (0.0, 0.0, 0.0)
+        };
+        let d_y = (z_y - top) * inv_tau;
+        let e_y = d_y.exp();
+        let total0 = s0 + e_y;
+        let total1 = s1 + e_y * d_y;
+        let total2 = s2 + e_y * e_y;
+        let ln_s0 = total0.ln();
+        RowStats {
+            entropy: (ln_s0 - total1 / total0).max(0.0),
+            logprob: (d_y - ln_s0).min(0.0),
+            collision: total2 / (total0 * total0),
+            grad_norm: (s0 * s0 + s2).sqrt() / total0,
+        }
+    }
+}
+
+/// Accumulates `values` into `acc` with the chosen instruction set.
+fn sweep<E: Element>(isa: Isa, values: &[E], inv_tau: f32, acc: &mut Online) {
+    match isa {
+        // SAFETY: `token_stats` only passes instruction sets that `is_supported`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { sweep_avx512(values, inv_tau, acc) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { sweep_avx2(values, inv_tau, acc) },
+        _ => unsafe { sweep_with::<Portable, E>(values, inv_tau, acc) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn sweep_avx512<E: Element>(values: &[E], inv_tau: f32, acc: &mut Online) {
+    unsafe { sweep_with::<crate::simd::Avx512, E>(values, inv_tau, acc) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sweep_avx2<E: Element>(values: &[E], inv_tau: f32, acc: &mut Online) {
+    unsafe { sweep_with::<crate::simd::Avx2, E>(values, inv_tau, acc) }
+}
+
+/// The one SIMD body. Blocks of `UNROLL` vectors; a partial last block is padded with -inf.
+#[inline(always)]
+unsafe fn sweep_with<S: Simd, E: Element>(values: &[E], inv_tau: f32, acc: &mut Online) {
+    let block = UNROLL * S::LANES;
+    let mut state = unsafe { Registers::<S>::new(acc, inv_tau) };
+    let mut blocks = values.chunks_exact(block);
+    for (i, chunk) in blocks.by_ref().enumerate() {
+        unsafe { state.block(chunk.as_ptr(), acc) };
+        if i % FLUSH_EVERY == FLUSH_EVERY - 1 {
+            unsafe { state.flush(acc) };
+        }
+    }
+    let tail = blocks.remainder();
+    if !tail.is_empty() {
+        let mut padded = [E::NEG_INF; UNROLL * MAX_LANES];
+        padded[..tail.len()].copy_from_slice(tail);
+        unsafe { state.block(padded.as_ptr(), acc) };
+    }
+    unsafe { state.flush(acc) };
+}
+
+/// The f32 register accumulators of a sweep, relative to `acc.m`.
+struct Registers<S: Simd> {
+    m: S::F,
+    inv_tau: S::F,
+    inv_tau_scalar: f32,
+    s0: [S::F; UNROLL],
+    s1: [S::F; UNROLL],
+    s2: [S::F; UNROLL],
+}
+
+impl<S: Simd> Registers<S> {
+    #[inline(always)]
+    unsafe fn new(acc: &Online, inv_tau: f32) -> Self {
+        unsafe {
+            let zero = S::splat(0.0);
+            Registers {
+                m: S::splat(acc.m),
+                inv_tau: S::splat(inv_tau),
+                inv_tau_scalar: inv_tau,
+                s0: [zero; UNROLL],
+                s1: [zero; UNROLL],
+                s2: [zero; UNROLL],
+            }
+        }
+    }
+
+    /// One block of `UNROLL * LANES` elements at `p`.
+    #[inline(always)]
+    unsafe fn block<E: Element>(&mut self, p: *const E, acc: &mut Online) {
+        unsafe {
+            let v: [S::F; UNROLL] = std::array::from_fn(|k| E::load::<S>(p.add(k * S::LANES)));
+            let block_max = S::max(S::max(v[0], v[1]), S::max(v[2], v[3]));
+            if S::any_gt(block_max, self.m) {
+                self.flush(acc);
+                acc.raise(S::reduce_max(block_max), self.inv_tau_scalar);
+                self.m = S::splat(acc.m);
+            }
+            for (k, &vk) in v.iter().enumerate() {
+                let u = S::mul(S::sub(vk, self.m), self.inv_tau);
+                let e = exp_nonpositive::<S>(u);
+                // Where e is 0, u may be -inf; 0 * -inf would poison S1, so use the clamp.
+                let u_finite = S::max(S::splat(EXP_UNDERFLOW), u);
+                self.s0[k] = S::add(self.s0[k], e);
+                self.s1[k] = S::fmadd(e, u_finite, self.s1[k]);
+                self.s2[k] = S::fmadd(e, e, self.s2[k]);
+            }
+        }
+    }
+
+    /// Adds the register sums into the f64 accumulators and clears them.
+    #[inline(always)]
+    unsafe fn flush(&mut self, acc: &mut Online) {
+        unsafe {
+            let zero = S::splat(0.0);
+            let fold = |a: &mut [S::F; UNROLL]| {
+                let sum = S::add(S::add(a[0], a[1]), S::add(a[2], a[3]));
+                *a = [zero; UNROLL];
+                S::reduce_sum_f64(sum)
+            };
+            acc.s0 += fold(&mut self.s0);
+            acc.s1 += fold(&mut self.s1);
+            acc.s2 += fold(&mut self.s2);
+        }
+    }
+}
