@@ -126,3 +126,11 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Fails on the first non-finite value of `values`, naming `field` and its index.
+pub fn check_finite(field: &'static str, values: &[f64]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(Error::Value { field, index, reason: format!("{} is not finite", values[index]) }),
+        None => Ok(()),
+    }
+}

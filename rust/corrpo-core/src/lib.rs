@@ -17,7 +17,7 @@ pub mod stats;
 
 pub use correlation::{Method, Undefined, correlation};
 pub use element::Element;
-pub use error::{Error, Location, LogitsFault, Result, TokenFault};
+pub use error::{Error, Location, LogitsFault, Result, TokenFault, check_finite};
 pub use half::{bf16, f16};
 pub use rewards::{Advantage, Gate, RegularizeConfig, Regularized, regularize};
 pub use rollouts::{Fingerprint, RolloutCorrelation, fingerprint, rollout_correlations};

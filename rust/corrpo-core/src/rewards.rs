@@ -1,6 +1,6 @@
 //! CorR-PO regularized rewards and group advantages (SPEC 5).
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_finite};
 use std::str::FromStr;
 
 /// Added to the group standard deviation in `grpo` advantages, as in verl.
@@ -120,9 +120,7 @@ fn check(rewards: Option<&[f64]>, rho: &[f64], group_sizes: &[usize], config: &R
         if r.len() != n {
             return Err(Error::Shape(format!("{} rewards for {n} correlations", r.len())));
         }
-        if let Some(i) = r.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Value { field: "rewards", index: i, reason: format!("{} is not finite", r[i]) });
-        }
+        check_finite("rewards", r)?;
     }
     if let Some(i) = rho.iter().position(|v| !(v.is_nan() || (-1.0..=1.0).contains(v))) {
         return Err(Error::Value {

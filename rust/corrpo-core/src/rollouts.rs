@@ -1,7 +1,7 @@
 //! Per-rollout correlations over a ragged batch, and the batch fingerprint (SPEC 4).
 
 use crate::correlation::{Method, Undefined, correlation};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_finite};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
@@ -36,11 +36,8 @@ pub fn check_tokens(entropy: &[f64], grad_norm: &[f64], lengths: Option<&[usize]
             )));
         }
     }
-    for (field, values) in [("entropy", entropy), ("grad_norm", grad_norm)] {
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Value { field, index: i, reason: format!("{} is not finite", values[i]) });
-        }
-    }
+    check_finite("entropy", entropy)?;
+    check_finite("grad_norm", grad_norm)?;
     Ok(())
 }
 

@@ -1,0 +1,48 @@
+"""corrpo: Entropy-Gradient Inversion measurement and CorR-PO rewards for RL on LLMs.
+
+In-process API (the native core, GIL released, SIMD and multi-threaded):
+
+    stats = corrpo.token_stats(logits, token_ids)            # per-token H, logprob, c, G
+    rc = corrpo.rollout_correlations(stats.entropy, stats.grad_norm, lengths)
+    out = corrpo.regularize(rewards, rc.rho, group_sizes)    # CorR-PO rewards, advantages
+    fp = corrpo.fingerprint(stats.entropy, stats.grad_norm, token_ids, lengths)
+
+``corrpo.reference`` holds a float64 NumPy implementation of the same functions.
+"""
+
+from . import reference
+from ._native import __version__, simd_isa, supported_isas
+from .correlation import REASONS, Fingerprint, RolloutCorrelations, correlation, fingerprint, rollout_correlations
+from .errors import (
+    ConfigError,
+    CorrpoError,
+    InvalidLogitsError,
+    InvalidTokenError,
+    InvalidValueError,
+    ShapeError,
+)
+from .rewards import Regularized, regularize
+from .stats import TokenStats, token_stats
+
+__all__ = [
+    "__version__",
+    "REASONS",
+    "ConfigError",
+    "CorrpoError",
+    "Fingerprint",
+    "InvalidLogitsError",
+    "InvalidTokenError",
+    "InvalidValueError",
+    "Regularized",
+    "RolloutCorrelations",
+    "ShapeError",
+    "TokenStats",
+    "correlation",
+    "fingerprint",
+    "reference",
+    "regularize",
+    "rollout_correlations",
+    "simd_isa",
+    "supported_isas",
+    "token_stats",
+]

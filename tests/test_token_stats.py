@@ -1,0 +1,237 @@
+"""corrpo.token_stats against the float64 reference, on every SIMD path, for every dtype and
+every edge case of SPEC 2."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import corrpo
+from corrpo import _native, reference
+from corrpo._arrays import logits_buffer
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def assert_matches_reference(stats, logits, ids, temperature=1.0):
+    """SPEC 2's accuracy bounds, against the reference on the same (widened) values."""
+    want = reference.token_stats(np.asarray(logits).astype(np.float64), ids, temperature=temperature)
+    h, l = want["entropy"], want["logprob"]
+    np.testing.assert_array_less(np.abs(stats.entropy - h), 1e-4 * np.maximum(1, h) + 1e-12)
+    np.testing.assert_array_less(np.abs(stats.logprob - l), 1e-4 * np.maximum(1, np.abs(l)) + 1e-12)
+    np.testing.assert_array_less(np.abs(stats.collision - want["collision"]), 1e-6)
+    np.testing.assert_array_less(np.abs(stats.grad_norm - want["grad_norm"]), 1e-5)
+    for name in ("entropy", "logprob", "collision", "grad_norm"):
+        assert getattr(stats, name).dtype == np.float32
+
+
+def random_logits(rng, rows, vocab, scale=3.0, masked=0.0):
+    z = (scale * rng.standard_normal((rows, vocab))).astype(np.float32)
+    ids = rng.integers(0, vocab, rows)
+    mask = rng.random((rows, vocab)) < masked
+    mask[np.arange(rows), ids] = False
+    z[mask] = -np.inf
+    return z, ids
+
+
+@given(
+    rows=st.integers(0, 6),
+    vocab=st.integers(1, 300),
+    scale=st.sampled_from([1e-3, 1.0, 8.0, 50.0, 1e4]),
+    masked=st.sampled_from([0.0, 0.5, 0.95]),
+    temperature=st.sampled_from([0.3, 1.0, 2.0]),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_matches_reference(rows, vocab, scale, masked, temperature, dtype, seed):
+    z, ids = random_logits(np.random.default_rng(seed), rows, vocab, scale, masked)
+    z = z.astype(DTYPES[dtype])
+    if rows and not np.all(np.isfinite(z.astype(np.float32)) | (z.astype(np.float32) == -np.inf)):
+        return  # float16 overflowed a 1e4-scale logit to inf: covered by the error tests
+    stats = corrpo.token_stats(z, ids, temperature=temperature)
+    assert len(stats) == rows
+    assert_matches_reference(stats, z, ids, temperature)
+
+
+@pytest.mark.parametrize("isa", corrpo.supported_isas())
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_every_simd_path(isa, dtype, rng):
+    z, ids = random_logits(rng, 8, 1531, scale=4.0, masked=0.2)
+    z = z.astype(DTYPES[dtype])
+    array, name = logits_buffer(z)
+    h, l, c, g, head = _native.token_stats(array, name, ids, 0.8, None, None, isa)
+    assert head is None
+    stats = corrpo.TokenStats(h, l, c, g)
+    assert_matches_reference(stats, z, ids, 0.8)
+
+
+def test_full_vocabulary_bf16(rng):
+    z, ids = random_logits(rng, 4, 151_936, scale=2.5)
+    z = z.astype(ml_dtypes.bfloat16)
+    assert_matches_reference(corrpo.token_stats(z, ids), z, ids)
+
+
+def test_huge_magnitudes_and_tiny_vocabularies(rng):
+    z = rng.uniform(-1e4, 1e4, (3, 64)).astype(np.float32)
+    assert_matches_reference(corrpo.token_stats(z, [0, 5, 63]), z, [0, 5, 63])
+    one = corrpo.token_stats(np.array([[3.0]], np.float32), [0])
+    assert (one.entropy[0], one.logprob[0], one.collision[0], one.grad_norm[0]) == (0.0, 0.0, 1.0, 0.0)
+    two = np.array([[0.0, 0.0], [1e4, -1e4]], np.float32)
+    stats = corrpo.token_stats(two, [1, 0])
+    assert_matches_reference(stats, two, [1, 0])
+    assert stats.entropy[0] == pytest.approx(np.log(2), rel=1e-6)
+    assert stats.grad_norm[0] == pytest.approx(np.sqrt(0.5), rel=1e-6)
+
+
+def test_empty_batch():
+    stats = corrpo.token_stats(np.zeros((0, 10), np.float32), np.zeros(0, np.int64))
+    assert len(stats) == 0 and stats.grad_norm.shape == (0,)
+
+
+def test_hidden_norms_give_head_grad_norm(rng):
+    z, ids = random_logits(rng, 5, 77)
+    norms = rng.uniform(0, 30, 5).astype(np.float32)
+    stats = corrpo.token_stats(z, ids, hidden_norms=norms)
+    want = reference.token_stats(z, ids, hidden_norms=norms)["head_grad_norm"]
+    np.testing.assert_allclose(stats.head_grad_norm, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("edit", "ids", "error", "needle"),
+    [
+        (lambda z: z.__setitem__((3, 17), np.nan), None, corrpo.InvalidLogitsError, "vocabulary index 17 is NaN"),
+        (lambda z: z.__setitem__((3, 2), np.inf), None, corrpo.InvalidLogitsError, "vocabulary index 2 is inf"),
+        (lambda z: z.__setitem__(3, -np.inf), None, corrpo.InvalidLogitsError, "every entry is -inf"),
+        (lambda z: z.__setitem__((3, 9), -np.inf), 9, corrpo.InvalidTokenError, "shifted by one"),
+        (None, 40, corrpo.InvalidTokenError, "40 is outside the vocabulary [0, 40)"),
+        (None, -1, corrpo.InvalidTokenError, "-1 is outside the vocabulary"),
+    ],
+)
+def test_bad_rows_name_rollout_and_token(edit, ids, error, needle, rng):
+    z, token_ids = random_logits(rng, 6, 40)
+    if edit:
+        edit(z)
+    if ids is not None:
+        token_ids[3] = ids
+    for dtype in DTYPES.values():
+        with pytest.raises(error) as info:
+            corrpo.token_stats(z.astype(dtype), token_ids, lengths=[2, 4])
+        assert needle in str(info.value)
+        assert "rollout 1, token 1 (row 3)" in str(info.value)
+        assert (info.value.row, info.value.rollout, info.value.token_index) == (3, 1, 1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"), "hot", True])
+def test_bad_temperature(temperature):
+    with pytest.raises(corrpo.ConfigError, match="temperature"):
+        corrpo.token_stats(np.zeros((1, 3), np.float32), [0], temperature=temperature)
+
+
+def test_shape_and_dtype_errors():
+    with pytest.raises(corrpo.ShapeError, match="2-D"):
+        corrpo.token_stats(np.zeros((2, 3, 4), np.float32), [0, 0])
+    with pytest.raises(corrpo.ShapeError, match="token_ids has 1 entries, expected 2"):
+        corrpo.token_stats(np.zeros((2, 4), np.float32), [0])
+    with pytest.raises(corrpo.ConfigError, match="float32, float16 or bfloat16"):
+        corrpo.token_stats(np.zeros((2, 4), np.int32), [0, 0])
+    with pytest.raises(corrpo.ConfigError, match="integers"):
+        corrpo.token_stats(np.zeros((2, 4), np.float32), [0.5, 1.0])
+    with pytest.raises(corrpo.ShapeError, match="vocabulary of size 0"):
+        corrpo.token_stats(np.zeros((2, 0), np.float32), [0, 0])
+    with pytest.raises(corrpo.InvalidValueError, match="hidden_norms"):
+        corrpo.token_stats(np.zeros((1, 4), np.float32), [0], hidden_norms=[np.nan])
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_strided_rows_are_read_in_place(dtype, rng):
+    padded = rng.standard_normal((5, 64)).astype(DTYPES[dtype])
+    view = padded[:, :50]
+    array, _ = logits_buffer(view)
+    assert np.shares_memory(array, padded), "a row-strided slice must not be copied"
+    ids = rng.integers(0, 50, 5)
+    got = corrpo.token_stats(view, ids)
+    want = corrpo.token_stats(np.ascontiguousarray(view), ids)
+    np.testing.assert_array_equal(got.grad_norm, want.grad_norm)
+    np.testing.assert_array_equal(got.entropy, want.entropy)
+
+
+def test_column_strided_input_is_copied_and_correct(rng):
+    z = rng.standard_normal((40, 6)).astype(np.float32).T  # columns 6 apart
+    ids = rng.integers(0, 40, 6)
+    assert_matches_reference(corrpo.token_stats(z, ids), z, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_cpu_tensors_without_copy(dtype, rng):
+    z, ids = random_logits(rng, 4, 333)
+    tensor = torch.from_numpy(z).to(dtype)
+    array, _ = logits_buffer(tensor)
+    assert array.ctypes.data == tensor.data_ptr(), "a contiguous tensor must be read in place"
+    stats = corrpo.token_stats(tensor, torch.from_numpy(ids))
+    assert_matches_reference(stats, tensor.float().numpy(), ids)
+
+
+def test_float64_input_is_converted(rng):
+    z, ids = random_logits(rng, 3, 20)
+    stats = corrpo.token_stats(z.astype(np.float64), ids)
+    np.testing.assert_array_equal(stats.grad_norm, corrpo.token_stats(z, ids).grad_norm)
+
+
+def test_bit_identical_for_any_thread_count(tmp_path, rng):
+    z, ids = random_logits(rng, 200, 2_001, masked=0.1)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "ids.npy", ids)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, corrpo, sys
+        z = np.load({str(tmp_path / "z.npy")!r}); ids = np.load({str(tmp_path / "ids.npy")!r})
+        s = corrpo.token_stats(z, ids)
+        sys.stdout.write(np.concatenate([s.entropy, s.logprob, s.collision, s.grad_norm]).tobytes().hex())
+        """
+    )
+    outputs = set()
+    for threads in ("1", "2", "5"):
+        env = dict(os.environ, RAYON_NUM_THREADS=threads)
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        outputs.add(run.stdout)
+    assert len(outputs) == 1
+
+
+def test_native_work_releases_the_gil(rng):
+    """A Python thread runs while another thread is inside token_stats.
+
+    With a switch interval far longer than the call, the interpreter never preempts the
+    calling thread: the spinner can run before `done` is set only if the native call
+    released the GIL.
+    """
+    z, ids = random_logits(rng, 256, 32_000)
+    inside, done = threading.Event(), threading.Event()
+    ticks = []
+
+    def spin():
+        inside.wait()
+        n = 0
+        while not done.is_set():
+            n += 1
+        ticks.append(n)
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)
+    try:
+        inside.set()
+        corrpo.token_stats(z, ids)
+        done.set()
+    finally:
+        sys.setswitchinterval(interval)
+    spinner.join()
+    assert ticks[0] > 0
