@@ -2,6 +2,8 @@ use super::Simd;
 use half::{bf16, f16};
 
 /// Eight plain lanes; the compiler vectorizes the loops for whatever the target offers.
+/// Only operations that vectorize on every baseline are used: a fused multiply-add or
+/// `round_ties_even` would become a libm call per lane where the target lacks them.
 #[derive(Clone, Copy)]
 pub(crate) struct Portable;
 
@@ -53,11 +55,11 @@ impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn fmadd(a: V, b: V, c: V) -> V {
-        map(|i| a[i].mul_add(b[i], c[i]))
+        map(|i| a[i] * b[i] + c[i])
     }
     #[inline(always)]
     unsafe fn fnmadd(a: V, b: V, c: V) -> V {
-        map(|i| (-a[i]).mul_add(b[i], c[i]))
+        map(|i| c[i] - a[i] * b[i])
     }
     #[inline(always)]
     unsafe fn max(a: V, b: V) -> V {
@@ -65,7 +67,10 @@ impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn round(a: V) -> V {
-        map(|i| a[i].round_ties_even())
+        // Adding 1.5 * 2^23 pushes the fraction out under round-to-nearest-even; exact for
+        // |a| < 2^22, which covers the exp arguments (|a| <= 127).
+        const SHIFT: f32 = 12_582_912.0;
+        map(|i| (a[i] + SHIFT) - SHIFT)
     }
     #[inline(always)]
     unsafe fn scale2(y: V, n: V) -> V {
