@@ -22,4 +22,4 @@ pub use half::{bf16, f16};
 pub use rewards::{Advantage, Gate, RegularizeConfig, Regularized, regularize};
 pub use rollouts::{Fingerprint, RolloutCorrelation, fingerprint, rollout_correlations};
 pub use simd::Isa;
-pub use stats::{Logits, RowStats, StatsOptions, TokenStats, token_stats};
+pub use stats::{Logits, StatsOptions, TokenStats, token_stats};

@@ -104,11 +104,11 @@ pub struct TokenStats {
 
 /// The statistics of one row, in f64 before the final rounding.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RowStats {
-    pub entropy: f64,
-    pub logprob: f64,
-    pub collision: f64,
-    pub grad_norm: f64,
+struct RowStats {
+    entropy: f64,
+    logprob: f64,
+    collision: f64,
+    grad_norm: f64,
 }
 
 /// Computes [`TokenStats`] for every row, in parallel over rows. Results are bit-identical
@@ -182,7 +182,7 @@ pub fn inverse_temperature(temperature: f64) -> Result<f32> {
 
 /// A row-level fault before its location is known.
 #[derive(Debug)]
-pub enum RowFault {
+enum RowFault {
     Logits(LogitsFault),
     Token(TokenFault),
 }
@@ -197,8 +197,9 @@ impl RowFault {
     }
 }
 
-/// The statistics of one row of logits with emitted token `token`.
-pub fn row_stats<E: Element>(row: &[E], token: i64, inv_tau: f32, isa: Isa) -> std::result::Result<RowStats, RowFault> {
+/// The statistics of one row of logits with emitted token `token`. `isa` must be supported
+/// (checked by `token_stats`, the only caller).
+fn row_stats<E: Element>(row: &[E], token: i64, inv_tau: f32, isa: Isa) -> std::result::Result<RowStats, RowFault> {
     let vocab = row.len();
     let y = usize::try_from(token)
         .ok()
