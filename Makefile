@@ -19,8 +19,9 @@ $(PY):
 native: $(PY)
 	$(PY) -m pip install -q --no-build-isolation -e .
 
+# The test and bench extras of pyproject.toml (torch among them: a large first download).
 $(VENV)/.test-deps: pyproject.toml | $(PY)
-	$(PY) -m pip install -q "pytest>=8" "hypothesis>=6.100" "scipy>=1.11" "ml_dtypes>=0.4" "torch>=2.2" "rich>=13"
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	touch $@
 
 demo: native

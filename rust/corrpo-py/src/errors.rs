@@ -6,10 +6,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
-    match build(py, &err) {
-        Ok(e) => e,
-        Err(import_failure) => import_failure,
-    }
+    // If corrpo.errors itself cannot be imported, that failure is the error to raise.
+    build(py, &err).unwrap_or_else(|import_failure| import_failure)
 }
 
 fn build(py: Python<'_>, err: &Error) -> PyResult<PyErr> {

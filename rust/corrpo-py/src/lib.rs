@@ -100,7 +100,13 @@ fn token_stats<'py>(
             return Err(errors::to_py(py, Error::Config(format!("unsupported logits dtype {other:?}"))));
         }
     };
-    let stats = result.map_err(|e| errors::to_py(py, lengths.as_deref().map_or(e.clone(), |l| e.locate(l))))?;
+    let stats = result.map_err(|e| {
+        let located = match lengths.as_deref() {
+            Some(l) => e.locate(l),
+            None => e,
+        };
+        errors::to_py(py, located)
+    })?;
     Ok((
         stats.entropy.into_pyarray(py),
         stats.logprob.into_pyarray(py),
