@@ -1,6 +1,7 @@
 # The two commands a newcomer needs:
-#   make demo   build corrpo in .venv and score a synthetic group of rollouts
-#   make test   build, then run every check: cargo fmt/clippy/test and pytest
+#   make demo   build corrpo and corrpo-server in .venv, start the reward server, score a
+#               synthetic group of rollouts through it with the gRPC client, stop the server
+#   make test   build, then run every check: cargo fmt/clippy/test, proto stubs, pytest
 # Each installs what it needs itself (a venv under .venv, the native extension).
 
 PYTHON ?= python3
@@ -8,24 +9,38 @@ VENV   := .venv
 PY     := $(abspath $(VENV)/bin/python)
 export PYO3_PYTHON := $(PY)
 
-.PHONY: demo test native lint test-rust test-python bench clean
+.PHONY: demo test native proto proto-check lint test-rust test-python bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "maturin>=1.9,<2"
+	$(PY) -m pip install -q --upgrade pip "maturin>=1.9,<2" "setuptools>=77"
 
 # Rebuilds the Rust extension in place (cargo is incremental, so this is quick when nothing
-# changed) and installs the package in editable mode with its runtime dependencies.
+# changed) and installs corrpo (with its gRPC client) and corrpo-server in editable mode.
 native: $(PY)
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation -e '.[grpc]' -e ./server
 
-# The test and bench extras of pyproject.toml (torch among them: a large first download).
-$(VENV)/.test-deps: pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
+# The test, bench and proto extras of pyproject.toml (torch among them: a large first download).
+$(VENV)/.test-deps: pyproject.toml server/pyproject.toml | $(PY)
+	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto]' -e ./server
 	touch $@
 
 demo: native
 	$(PY) examples/score_group.py
+
+# The Python stubs of proto/corrpo/v1, generated into python/corrpo/v1 (checked in).
+PROTOC = $(PY) -m grpc_tools.protoc -Iproto
+proto: $(VENV)/.test-deps
+	$(PROTOC) --python_out=python --pyi_out=python proto/corrpo/v1/*.proto
+	$(PROTOC) --grpc_python_out=python proto/corrpo/v1/reward_service.proto
+
+# Fails when the checked-in stubs differ from what `make proto` generates.
+proto-check: $(VENV)/.test-deps
+	rm -rf $(VENV)/proto-check && mkdir -p $(VENV)/proto-check
+	$(PROTOC) --python_out=$(VENV)/proto-check --pyi_out=$(VENV)/proto-check proto/corrpo/v1/*.proto
+	$(PROTOC) --grpc_python_out=$(VENV)/proto-check proto/corrpo/v1/reward_service.proto
+	diff -r $(VENV)/proto-check/corrpo/v1 python/corrpo/v1 -x __init__.py -x __pycache__ \
+		|| (echo "python/corrpo/v1 is stale: run 'make proto' and commit the result" && exit 1)
 
 lint: $(PY)
 	cargo fmt --all -- --check
@@ -37,10 +52,11 @@ test-rust:
 test-python: native $(VENV)/.test-deps
 	$(PY) -m pytest -q
 
-test: lint test-rust test-python
+test: lint proto-check test-rust test-python
 
 bench: native $(VENV)/.test-deps
 	$(PY) bench/bench_token_stats.py
+	$(PY) bench/bench_server.py
 
 clean:
 	rm -rf $(VENV) target python/corrpo/_native*.so

@@ -6,6 +6,9 @@ In-process API (the native core, GIL released, SIMD and multi-threaded):
     rc = corrpo.rollout_correlations(stats.entropy, stats.grad_norm, lengths)
     out = corrpo.regularize(rewards, rc.rho, group_sizes)    # CorR-PO rewards, advantages
     fp = corrpo.fingerprint(stats.entropy, stats.grad_norm, token_ids, lengths)
+    scores = corrpo.score(stats.entropy, stats.grad_norm, lengths, group_sizes, rewards=r)  # all of the above
+
+``corrpo.client.RewardClient`` sends the same work to a reward server (``corrpo-server``).
 
 ``corrpo.reference`` holds a float64 NumPy implementation of the same functions.
 """
@@ -22,7 +25,9 @@ from .errors import (
     ShapeError,
 )
 from .rewards import Regularized, regularize
+from .scoring import ScoreConfig, Scores, TopKBounds, score
 from .stats import TokenStats, token_stats
+from .top_k import TopKStats, top_k_stats
 
 __all__ = [
     "__version__",
@@ -35,14 +40,20 @@ __all__ = [
     "InvalidValueError",
     "Regularized",
     "RolloutCorrelations",
+    "ScoreConfig",
+    "Scores",
     "ShapeError",
     "TokenStats",
+    "TopKBounds",
+    "TopKStats",
     "correlation",
     "fingerprint",
     "reference",
     "regularize",
     "rollout_correlations",
+    "score",
     "simd_isa",
     "supported_isas",
     "token_stats",
+    "top_k_stats",
 ]

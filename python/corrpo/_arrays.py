@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import ConfigError, ShapeError
 
-def _is_torch(x: Any) -> bool:
+def is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
@@ -26,7 +26,7 @@ def logits_buffer(logits: Any) -> tuple[np.ndarray, str]:
     float32, float16 and bfloat16 (``ml_dtypes.bfloat16`` or torch) are read without a copy
     when rows are unit-stride; float64 is converted to float32.
     """
-    if _is_torch(logits):
+    if is_torch(logits):
         import torch
 
         tensor = _cpu_tensor(logits)
@@ -62,7 +62,7 @@ def _checked(array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
 
 def vector(values: Any, dtype: type, name: str, length: int | None = None) -> np.ndarray:
     """A 1-D contiguous array of `dtype`, checked against an expected length."""
-    if _is_torch(values):
+    if is_torch(values):
         tensor = _cpu_tensor(values)
         values = (tensor.float() if tensor.dtype.is_floating_point else tensor).numpy()
     array = np.asarray(values)

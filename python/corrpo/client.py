@@ -1,0 +1,483 @@
+"""gRPC clients of corrpo's reward server (``pip install 'corrpo[grpc]'``).
+
+    from corrpo.client import RewardClient
+
+    with RewardClient("127.0.0.1:50051") as client:
+        scores = client.score(logits=[...], token_ids=[...], rewards=[...], group_sizes=[4, 4])
+    scores.rewards, scores.advantages, scores.rho, scores.fingerprint
+
+Given logits, the client reduces them to per-token statistics locally with corrpo's
+kernels and sends ~12 bytes per token (the default); ``send="logits"`` streams the logits
+themselves in blocks for the server to reduce. Several targets are balanced round-robin by
+gRPC, and UNAVAILABLE is retried (requests are idempotent, so retries are safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from . import wire
+from ._arrays import logits_buffer
+from .errors import ShapeError
+from .scoring import ScoreConfig, Scores
+from .stats import token_stats
+from .v1 import reward_service_pb2 as pb
+from .v1 import reward_service_pb2_grpc as pb_grpc
+from .v1 import tensor_pb2
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+SERVICE = "corrpo.v1.RewardService"
+_LOGITS_DTYPES = {
+    "float32": tensor_pb2.DTYPE_FLOAT32,
+    "float16": tensor_pb2.DTYPE_FLOAT16,
+    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
+}
+
+
+def _resolve(target: str) -> str:
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return target
+    except ValueError:
+        family, *_, sockaddr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+        return f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"
+
+
+def channel_target(targets: str | Sequence[str]) -> str:
+    """One gRPC target for one or several servers. One target is passed as it is (any gRPC
+    URI, e.g. ``dns:///rewards.internal:50051`` for DNS round-robin); several ``host:port``
+    become an ``ipv4:``/``ipv6:`` address list that gRPC balances over."""
+    if isinstance(targets, str):
+        return targets
+    if len(targets) == 1:
+        return targets[0]
+    if not targets:
+        raise ValueError("no target given")
+    addresses = [_resolve(t) for t in targets]
+    if all(a.startswith("[") for a in addresses):
+        return "ipv6:" + ",".join(addresses)
+    if any(a.startswith("[") for a in addresses):
+        raise ValueError(f"cannot balance over a mix of IPv4 and IPv6 addresses: {addresses}")
+    return "ipv4:" + ",".join(addresses)
+
+
+def service_config(max_attempts: int) -> str:
+    """round_robin over every resolved address; UNAVAILABLE retried with backoff."""
+    retry = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": retry}],
+        }
+    )
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+@dataclass(frozen=True)
+class _Channel:
+    target: str
+    credentials: grpc.ChannelCredentials | None
+    options: list[tuple[str, Any]]
+    metadata: tuple[tuple[str, str], ...]
+
+
+def _channel(
+    targets: str | Sequence[str],
+    tls: bool,
+    root_certificates: bytes | str | Path | None,
+    client_certificate: bytes | str | Path | None,
+    client_key: bytes | str | Path | None,
+    server_name: str | None,
+    token: str | None,
+    max_attempts: int,
+    max_message_bytes: int,
+) -> _Channel:
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("mutual TLS needs both client_certificate and client_key")
+    secure = tls or root_certificates is not None or client_certificate is not None
+    credentials = None
+    if secure:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_pem(root_certificates),
+            private_key=_pem(client_key),
+            certificate_chain=_pem(client_certificate),
+        )
+    options: list[tuple[str, Any]] = [
+        ("grpc.service_config", service_config(max_attempts)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Unary requests up to this size stay replayable for retries.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+        ("grpc.retry_buffer_size", 4 * max_message_bytes),
+    ]
+    if server_name is not None:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return _Channel(channel_target(targets), credentials, options, metadata)
+
+
+def _seq(values: Any, name: str) -> list[Any]:
+    if values is None:
+        return []
+    if isinstance(values, np.ndarray) or type(values).__module__.startswith("torch"):
+        raise ShapeError(f"{name} must be a sequence with one array per rollout, got a single {type(values).__name__}")
+    return list(values)
+
+
+def _ids_tensor(ids: np.ndarray) -> tensor_pb2.Tensor:
+    narrow = len(ids) == 0 or (ids.min() >= 0 and ids.max() < 2**31)
+    return wire.encode(ids, tensor_pb2.DTYPE_INT32 if narrow else tensor_pb2.DTYPE_INT64)
+
+
+def _vector(values: Any, dtype: type, name: str) -> np.ndarray:
+    if type(values).__module__.startswith("torch"):
+        values = values.detach().cpu().float().numpy() if values.dtype.is_floating_point else values.detach().cpu().numpy()
+    array = np.asarray(values, dtype=dtype)
+    if array.ndim != 1:
+        raise ShapeError(f"{name} must be 1-D per rollout, got shape {array.shape}")
+    return array
+
+
+def _group_sizes(n: int, group_sizes: Sequence[int] | int | None) -> list[int]:
+    if group_sizes is None:
+        return [n]
+    if isinstance(group_sizes, int):
+        if group_sizes <= 0 or n % group_sizes:
+            raise ShapeError(f"{n} rollouts do not split into groups of {group_sizes}")
+        return [group_sizes] * (n // group_sizes)
+    sizes = [int(s) for s in group_sizes]
+    if sum(sizes) != n or any(s <= 0 for s in sizes):
+        raise ShapeError(f"group_sizes {sizes} must be positive and add up to the {n} rollouts")
+    return sizes
+
+
+@dataclass
+class _Prepared:
+    """A request ready to send: unary, or a stream whose messages are made on demand."""
+
+    request_id: str
+    unary: pb.ScoreRequest | None = None
+    header: pb.LogitsStreamHeader | None = None
+    logits: list[np.ndarray] | None = None
+    block_bytes: int = 0
+
+    def stream(self) -> Iterator[pb.ScoreLogitsStreamRequest]:
+        yield pb.ScoreLogitsStreamRequest(header=self.header)
+        row_bytes = self.logits[0].shape[1] * self.logits[0].itemsize
+        per_block = max(1, self.block_bytes // row_bytes)
+        pending: list[np.ndarray] = []
+        rows = 0
+        for array in self.logits:
+            start = 0
+            while start < len(array):
+                take = min(per_block - rows, len(array) - start)
+                pending.append(array[start : start + take])
+                rows, start = rows + take, start + take
+                if rows == per_block:
+                    yield _block(pending)
+                    pending, rows = [], 0
+        if pending:
+            yield _block(pending)
+
+
+def _block(chunks: list[np.ndarray]) -> pb.ScoreLogitsStreamRequest:
+    data = b"".join(memoryview(np.ascontiguousarray(c)).cast("B") for c in chunks)
+    return pb.ScoreLogitsStreamRequest(block=pb.LogitsBlock(data=data))
+
+
+def prepare(
+    *,
+    logits: Sequence[Any] | None = None,
+    token_ids: Sequence[Any] | None = None,
+    entropy: Sequence[Any] | None = None,
+    grad_norm: Sequence[Any] | None = None,
+    logprob: Sequence[Any] | None = None,
+    top_logprobs: Sequence[Any] | None = None,
+    top_token_ids: Sequence[Any] | None = None,
+    vocab_size: int | None = None,
+    rewards: Sequence[float] | None = None,
+    group_sizes: Sequence[int] | int | None = None,
+    send: str = "stats",
+    block_bytes: int = 4 << 20,
+    request_id: str | None = None,
+    config: ScoreConfig,
+) -> _Prepared:
+    """Builds the request of ``RewardClient.score`` (see there)."""
+    kinds = [name for name, v in (("logits", logits), ("entropy", entropy), ("top_logprobs", top_logprobs)) if v is not None]
+    if len(kinds) != 1:
+        raise ValueError(f"give exactly one of logits, entropy (with grad_norm) or top_logprobs; got {kinds or 'none'}")
+    if send not in ("stats", "logits"):
+        raise ValueError(f"send must be 'stats' or 'logits', got {send!r}")
+    if send == "logits" and logits is None:
+        raise ValueError("send='logits' needs logits")
+    request_id = request_id or uuid.uuid4().hex
+    primary = _seq(logits if logits is not None else entropy if entropy is not None else top_logprobs, kinds[0])
+    n = len(primary)
+    ids = _seq(token_ids, "token_ids")
+    if kinds[0] in ("logits", "top_logprobs") and len(ids) != n:
+        raise ShapeError(f"token_ids must hold one array per rollout: {len(ids)} for {n} rollouts")
+    sizes = _group_sizes(n, group_sizes)
+    reward_list = None if rewards is None else [float(r) for r in _vector(rewards, np.float64, "rewards")]
+    if reward_list is not None and len(reward_list) != n:
+        raise ShapeError(f"{len(reward_list)} rewards for {n} rollouts")
+
+    if send == "logits":
+        buffers = [logits_buffer(x) for x in primary]
+        dtypes = {d for _, d in buffers}
+        vocabs = {a.shape[1] for a, _ in buffers}
+        if len(dtypes) > 1 or len(vocabs) > 1:
+            raise ShapeError(f"streamed logits must share one dtype and vocabulary, got {sorted(dtypes)} and {sorted(vocabs)}")
+        arrays = [a for a, _ in buffers]
+        id_arrays = [_vector(i, np.int64, "token_ids") for i in ids]
+        for k, (a, i) in enumerate(zip(arrays, id_arrays)):
+            if len(a) != len(i):
+                raise ShapeError(f"rollout {k}: {len(a)} logits rows but {len(i)} token ids")
+        header = pb.LogitsStreamHeader(
+            request_id=request_id,
+            config=wire.config_to_proto(config),
+            dtype=_LOGITS_DTYPES[dtypes.pop()],
+            vocab_size=vocabs.pop(),
+            token_ids=_ids_tensor(np.concatenate(id_arrays) if id_arrays else np.empty(0, np.int64)),
+        )
+        it = iter(zip(arrays, reward_list or [None] * n))
+        for size in sizes:
+            group = header.groups.add()
+            for _ in range(size):
+                array, reward = next(it)
+                layout = group.rollouts.add(num_tokens=len(array))
+                if reward is not None:
+                    layout.reward = reward
+        return _Prepared(request_id, header=header, logits=arrays, block_bytes=block_bytes)
+
+    rollouts: list[pb.Rollout] = []
+    if kinds[0] == "logits":
+        for k, (x, i) in enumerate(zip(primary, ids)):
+            i = _vector(i, np.int64, f"token_ids[{k}]")
+            stats = token_stats(x, i, temperature=config.temperature)
+            payload = pb.TokenStatsPayload(
+                entropy=wire.encode(stats.entropy), grad_norm=wire.encode(stats.grad_norm), token_ids=_ids_tensor(i)
+            )
+            rollouts.append(pb.Rollout(stats=payload))
+    elif kinds[0] == "entropy":
+        norms = _seq(grad_norm, "grad_norm")
+        lps = _seq(logprob, "logprob")
+        if len(norms) != n or (lps and len(lps) != n) or (ids and len(ids) != n):
+            raise ShapeError("entropy, grad_norm (and logprob, token_ids when given) need one array per rollout each")
+        for k in range(n):
+            payload = pb.TokenStatsPayload(
+                entropy=wire.encode(_vector(primary[k], np.float32, "entropy")),
+                grad_norm=wire.encode(_vector(norms[k], np.float32, "grad_norm")),
+            )
+            if lps:
+                payload.logprob.CopyFrom(wire.encode(_vector(lps[k], np.float32, "logprob")))
+            if ids:
+                payload.token_ids.CopyFrom(_ids_tensor(_vector(ids[k], np.int64, "token_ids")))
+            rollouts.append(pb.Rollout(stats=payload))
+    else:
+        tops = _seq(top_token_ids, "top_token_ids")
+        lps = _seq(logprob, "logprob")
+        if len(tops) != n or len(lps) != n or vocab_size is None:
+            raise ShapeError("top-k payloads need top_token_ids, logprob and token_ids per rollout, and vocab_size")
+        for k in range(n):
+            payload = pb.TopKPayload(
+                top_logprobs=wire.encode(np.asarray(primary[k], dtype=np.float32)),
+                top_token_ids=wire.encode(np.asarray(tops[k], dtype=np.int64)),
+                logprob=wire.encode(_vector(lps[k], np.float32, "logprob")),
+                token_ids=_ids_tensor(_vector(ids[k], np.int64, "token_ids")),
+                vocab_size=int(vocab_size),
+            )
+            rollouts.append(pb.Rollout(top_k=payload))
+    if reward_list is not None:
+        for rollout, reward in zip(rollouts, reward_list):
+            rollout.reward = reward
+    request = pb.ScoreRequest(request_id=request_id, config=wire.config_to_proto(config))
+    it = iter(rollouts)
+    for size in sizes:
+        request.groups.add().rollouts.extend(next(it) for _ in range(size))
+    return _Prepared(request_id, unary=request)
+
+
+_SCORE_DOC = """Scores rollouts through the server: rho per rollout, CorR-PO rewards and
+        advantages, and the batch fingerprint, in request order.
+
+        Give one array per rollout of exactly one kind:
+          logits [T_i, V] (NumPy, ml_dtypes.bfloat16 or torch CPU) with token_ids [T_i];
+          entropy and grad_norm [T_i] (optionally logprob and token_ids) from corrpo.token_stats;
+          top_logprobs [T_i, k] with top_token_ids, logprob, token_ids and vocab_size.
+        rewards: per rollout (verifier), or None for verifier-free training.
+        group_sizes: rollouts per group (a list, or one int for equal groups); default one group.
+        send: with logits, "stats" reduces them here (about 12 bytes per token on the wire),
+            "logits" streams them in blocks of block_bytes for the server to reduce.
+        request_id: the same id and request give the same answer; default a fresh UUID.
+        timeout: seconds for this call (default: the client's).
+        settings: method, min_tokens, temperature, coef, gate, threshold, advantage,
+            top_k_estimate (see corrpo.ScoreConfig)."""
+
+
+class _Client:
+    def __init__(
+        self,
+        targets: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | str | Path | None = None,
+        client_certificate: bytes | str | Path | None = None,
+        client_key: bytes | str | Path | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        max_attempts: int = 5,
+        max_message_bytes: int = 64 << 20,
+        block_bytes: int = 4 << 20,
+    ) -> None:
+        self._spec = _channel(
+            targets,
+            tls,
+            root_certificates,
+            client_certificate,
+            client_key,
+            server_name,
+            token,
+            max_attempts,
+            max_message_bytes,
+        )
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.block_bytes = block_bytes
+
+    def _prepare(self, kwargs: dict[str, Any]) -> tuple[_Prepared, float | None]:
+        timeout = kwargs.pop("timeout", self.timeout)
+        names = ("method", "min_tokens", "temperature", "coef", "gate", "threshold", "advantage", "top_k_estimate")
+        config = ScoreConfig(**{k: kwargs.pop(k) for k in names if k in kwargs})
+        kwargs.setdefault("block_bytes", self.block_bytes)
+        return prepare(config=config, **kwargs), timeout
+
+    def _backoff(self, attempt: int) -> float:
+        return min(2.0, 0.05 * 2**attempt)
+
+
+def _result(response: pb.ScoreResponse | pb.ScoreLogitsStreamResponse) -> Scores:
+    return wire.scores_from_proto(response.result)
+
+
+class RewardClient(_Client):
+    """Blocking client of one reward server or several (round_robin).
+
+    targets: "host:port", a gRPC URI, or a list of "host:port" replicas.
+    tls / root_certificates: TLS (system roots, or this CA's PEM); client_certificate and
+        client_key: mutual TLS; server_name: the name to verify the certificate against.
+    token: bearer token, sent as ``authorization: Bearer <token>``.
+    timeout: default deadline of a call, seconds. max_attempts: tries on UNAVAILABLE.
+    """
+
+    def __init__(self, targets: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
+        super().__init__(targets, **kwargs)
+        spec = self._spec
+        if spec.credentials is None:
+            self._channel = grpc.insecure_channel(spec.target, options=spec.options)
+        else:
+            self._channel = grpc.secure_channel(spec.target, spec.credentials, options=spec.options)
+        self._stub = pb_grpc.RewardServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def score(self, **kwargs: Any) -> Scores:
+        prepared, timeout = self._prepare(kwargs)
+        if prepared.unary is not None:
+            return _result(self._stub.Score(prepared.unary, timeout=timeout, metadata=self._spec.metadata))
+        # A stream outgrows gRPC's retry buffer, so retries of UNAVAILABLE happen here.
+        for attempt in range(self.max_attempts):
+            try:
+                response = self._stub.ScoreLogitsStream(prepared.stream(), timeout=timeout, metadata=self._spec.metadata)
+                return _result(response)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == self.max_attempts:
+                    raise
+                time.sleep(self._backoff(attempt))
+        raise AssertionError("unreachable")
+
+    score.__doc__ = _SCORE_DOC
+
+    def health(self, service: str = SERVICE, timeout: float = 5.0) -> str:
+        """The server's health status for ``service``: SERVING, NOT_SERVING, ..."""
+        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRewardClient(_Client):
+    """asyncio client for async rollout loops; the same arguments as ``RewardClient``.
+    Local reductions of logits run in a worker thread, off the event loop."""
+
+    def __init__(self, targets: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
+        super().__init__(targets, **kwargs)
+        spec = self._spec
+        if spec.credentials is None:
+            self._channel = grpc.aio.insecure_channel(spec.target, options=spec.options)
+        else:
+            self._channel = grpc.aio.secure_channel(spec.target, spec.credentials, options=spec.options)
+        self._stub = pb_grpc.RewardServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def score(self, **kwargs: Any) -> Scores:
+        prepared, timeout = await asyncio.to_thread(self._prepare, kwargs)
+        if prepared.unary is not None:
+            return _result(await self._stub.Score(prepared.unary, timeout=timeout, metadata=self._spec.metadata))
+        for attempt in range(self.max_attempts):
+            try:
+                call = self._stub.ScoreLogitsStream(prepared.stream(), timeout=timeout, metadata=self._spec.metadata)
+                return _result(await call)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == self.max_attempts:
+                    raise
+                await asyncio.sleep(self._backoff(attempt))
+        raise AssertionError("unreachable")
+
+    score.__doc__ = _SCORE_DOC
+
+    async def health(self, service: str = SERVICE, timeout: float = 5.0) -> str:
+        response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

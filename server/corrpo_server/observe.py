@@ -1,0 +1,145 @@
+"""What the server tells its operators: one JSON log line per request, Prometheus metrics,
+and the gRPC status every request ends with (never UNKNOWN, never a stack trace)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+import corrpo
+
+from .failure import Failure
+
+log = logging.getLogger("corrpo_server")
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "event": record.getMessage()}
+        line.update(getattr(record, "fields", {}))
+        return json.dumps(line)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines())
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def event(name: str, level: int = logging.INFO, **fields: object) -> None:
+    log.log(level, name, extra={"fields": fields})
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "corrpo_requests", "Requests by RPC and final status code.", ["rpc", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "corrpo_request_duration_seconds",
+            "Time from the start of a request to its status.",
+            ["rpc"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.tokens = Counter("corrpo_tokens_scored", "Tokens scored, by RPC.", ["rpc"], registry=self.registry)
+        self.logits_bytes = Counter(
+            "corrpo_logits_bytes_received", "Bytes of logits blocks received by streams.", registry=self.registry
+        )
+        self.in_flight = Gauge("corrpo_requests_in_flight", "Requests being served.", ["rpc"], registry=self.registry)
+
+
+@dataclass
+class Record:
+    """One request's log line."""
+
+    rpc: str
+    peer: str
+    request_id: str = ""
+    rollouts: int = 0
+    tokens: int = 0
+    status: str = "OK"
+    ms: float = 0.0
+    message: str = ""
+
+
+class Stopped(Exception):
+    """The client cancelled or its deadline passed: stop working on its request."""
+
+
+def alive_check(context: grpc.ServicerContext):
+    def alive() -> None:
+        if not context.is_active():
+            raise Stopped()
+
+    return alive
+
+
+def _outcome(err: BaseException | None, context: grpc.ServicerContext, record: Record) -> tuple[grpc.StatusCode, str]:
+    if err is None:
+        return grpc.StatusCode.OK, ""
+    if isinstance(err, Failure):
+        return err.code, err.message
+    if isinstance(err, corrpo.CorrpoError):
+        return grpc.StatusCode.INVALID_ARGUMENT, err.message
+    if isinstance(err, (Stopped, grpc.RpcError)):
+        # Raised when the client has gone: a cancelled call, or one past its deadline.
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request was scored"
+        return grpc.StatusCode.CANCELLED, "the client cancelled the request"
+    event(
+        "internal_error",
+        logging.ERROR,
+        request_id=record.request_id,
+        rpc=record.rpc,
+        traceback="".join(traceback.format_exception(err)),
+    )
+    return grpc.StatusCode.INTERNAL, f"internal error while scoring request {record.request_id!r}; see the server log"
+
+
+@contextmanager
+def observed(rpc: str, context: grpc.ServicerContext, metrics: Metrics) -> Iterator[Record]:
+    """Serves one request: yields its log record, then logs it, counts it and ends the call
+    with the status its outcome maps to (``context.abort`` unless it succeeded)."""
+    record = Record(rpc=rpc, peer=context.peer())
+    start = time.perf_counter()
+    metrics.in_flight.labels(rpc).inc()
+    err: BaseException | None = None
+    try:
+        yield record
+    except Exception as caught:  # noqa: BLE001 - every failure becomes a status, never UNKNOWN
+        err = caught
+    finally:
+        metrics.in_flight.labels(rpc).dec()
+    code, message = _outcome(err, context, record)
+    elapsed = time.perf_counter() - start
+    record.status, record.message, record.ms = code.name, message, round(elapsed * 1e3, 3)
+    finish(record, metrics, elapsed)
+    if code is not grpc.StatusCode.OK:
+        context.abort(code, message)
+
+
+def finish(record: Record, metrics: Metrics, elapsed: float) -> None:
+    metrics.requests.labels(record.rpc, record.status).inc()
+    metrics.latency.labels(record.rpc).observe(elapsed)
+    if record.status == "OK":
+        metrics.tokens.labels(record.rpc).inc(record.tokens)
+    fields = asdict(record)
+    if not record.message:
+        del fields["message"]
+    event("request", **fields)

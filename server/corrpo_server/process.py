@@ -1,0 +1,99 @@
+"""A ``corrpo-server`` in a child process: for scripts, tests and trainers that want a local
+server for the length of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class ServerProcess:
+    """Starts ``corrpo-server serve`` on a free port with ``args``, and waits until it serves.
+
+        with ServerProcess() as server:
+            client = RewardClient(server.target)
+
+    ``stop()`` sends SIGTERM (a graceful drain) and returns the exit code.
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="corrpo-server-")
+        port_file = Path(self._dir.name) / "ports.json"
+        self.log_path = log or Path(self._dir.name) / "server.log"
+        command = [sys.executable, "-m", "corrpo_server", "serve", "--host", host, "--port-file", str(port_file)]
+        if "--port" not in args:
+            command += ["--port", "0"]
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [*command, *args], stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        deadline = time.monotonic() + ready_timeout
+        while not port_file.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"corrpo-server exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise TimeoutError(f"corrpo-server was not serving after {ready_timeout} s:\n{self.log()}")
+            time.sleep(0.02)
+        ports = json.loads(port_file.read_text())
+        self.host = host
+        self.port: int = ports["port"]
+        self.metrics_port: int | None = ports["metrics_port"]
+
+    @property
+    def target(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def log(self) -> str:
+        """Everything the server has written (JSON lines)."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def events(self) -> list[dict]:
+        """The server's log lines that are JSON objects."""
+        out = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._dir.cleanup()

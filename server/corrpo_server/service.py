@@ -1,0 +1,91 @@
+"""The ``corrpo.v1.RewardService`` handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from corrpo import wire
+from corrpo.v1 import reward_service_pb2 as pb
+
+from .batch import Limits, LogitsStream, Reducer, from_score_request
+from .failure import invalid
+from .observe import Metrics, alive_check, observed
+
+SERVICE = "corrpo.v1.RewardService"
+_MAX_REQUEST_ID = 128
+
+
+def _parse(kind: type[Message], raw: bytes) -> Message:
+    # Requests arrive as bytes and are parsed here, so that garbage is INVALID_ARGUMENT with
+    # a reason rather than gRPC's generic deserialization failure.
+    try:
+        return kind.FromString(raw)
+    except (DecodeError, RuntimeError) as err:
+        raise invalid(f"the request is not a valid {kind.DESCRIPTOR.full_name}: {err}") from None
+
+
+def _request_id(value: str, path: str) -> str:
+    if not value:
+        raise invalid(f"{path} must be set: a client-chosen id that retries of the same request reuse")
+    if len(value) > _MAX_REQUEST_ID:
+        raise invalid(f"{path} has {len(value)} characters; at most {_MAX_REQUEST_ID} are allowed")
+    return value
+
+
+class RewardService:
+    def __init__(self, reduce: Reducer, backend: str, limits: Limits, metrics: Metrics) -> None:
+        self.reduce = reduce
+        self.backend = backend
+        self.limits = limits
+        self.metrics = metrics
+
+    def score(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        with observed("Score", context, self.metrics) as record:
+            request = _parse(pb.ScoreRequest, raw)
+            record.request_id = _request_id(request.request_id, "request_id")
+            config = wire.config_from_proto(request.config)
+            batch = from_score_request(request, config, self.limits, self.reduce, alive_check(context))
+            record.rollouts, record.tokens = len(batch.lengths), len(batch.entropy)
+            scores = batch.score(config)
+            return pb.ScoreResponse(result=wire.scores_to_proto(scores, record.request_id, self.backend))
+
+    def score_logits_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ScoreLogitsStreamResponse:
+        with observed("ScoreLogitsStream", context, self.metrics) as record:
+            first = next(requests, None)
+            if first is None:
+                raise invalid("the stream is empty: send a header, then the logits blocks")
+            message = _parse(pb.ScoreLogitsStreamRequest, first)
+            if message.WhichOneof("message") != "header":
+                raise invalid("the first message of a ScoreLogitsStream must be its header; got a block")
+            header = message.header
+            record.request_id = _request_id(header.request_id, "header.request_id")
+            config = wire.config_from_proto(header.config, "header.config")
+            stream = LogitsStream(header, config, self.limits, self.reduce)
+            record.rollouts = len(stream.lengths)
+            alive = alive_check(context)
+            for raw in requests:
+                alive()
+                message = _parse(pb.ScoreLogitsStreamRequest, raw)
+                if message.WhichOneof("message") != "block":
+                    raise invalid(f"message {stream.blocks + 1} of the stream is not a logits block; only the first is a header")
+                self.metrics.logits_bytes.inc(len(message.block.data))
+                stream.add(message.block.data)
+                record.tokens = stream.filled
+            scores = stream.finish().score(config)
+            return pb.ScoreLogitsStreamResponse(result=wire.scores_to_proto(scores, record.request_id, self.backend))
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Score": grpc.unary_unary_rpc_method_handler(
+                    self.score, response_serializer=pb.ScoreResponse.SerializeToString
+                ),
+                "ScoreLogitsStream": grpc.stream_unary_rpc_method_handler(
+                    self.score_logits_stream, response_serializer=pb.ScoreLogitsStreamResponse.SerializeToString
+                ),
+            },
+        )
