@@ -14,3 +14,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 @pytest.fixture
 def rng():
     return np.random.default_rng(20260526)
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One reward server process on an ephemeral loopback port, shared by read-only tests."""
+    from corrpo_server.process import ServerProcess
+
+    with ServerProcess("--metrics-port", "0", "--max-message-mib", "16", "--max-tokens", "200000") as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from corrpo.client import RewardClient
+
+    with RewardClient(server.target, timeout=60) as c:
+        yield c

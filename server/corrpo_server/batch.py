@@ -253,7 +253,7 @@ class LogitsStream:
         self.filled = 0
         self.blocks = 0
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         path = f"blocks[{self.blocks}]"
         if not data or len(data) % self.row_bytes:
             raise invalid(

@@ -27,6 +27,38 @@ def _parse(kind: type[Message], raw: bytes) -> Message:
         raise invalid(f"the request is not a valid {kind.DESCRIPTOR.full_name}: {err}") from None
 
 
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(raw) and shift < 64:
+        byte = raw[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+def block_view(raw: bytes) -> memoryview | None:
+    """The logits of a serialized ScoreLogitsStreamRequest that is one plain block, as a view
+    into the message (the protobuf parser would copy them twice); None for anything else,
+    which then takes the parser's path."""
+    # Tag of field 2 (block) then of field 1 (data), both length-delimited.
+    if raw[:1] != b"\x12":
+        return None
+    outer, pos = _varint(raw, 1)
+    if pos + outer != len(raw):
+        return None
+    if outer == 0:
+        return memoryview(raw)[pos:]
+    if raw[pos : pos + 1] != b"\x0a":
+        return None
+    inner, pos = _varint(raw, pos + 1)
+    if pos + inner != len(raw):
+        return None
+    return memoryview(raw)[pos:]
+
+
 def _request_id(value: str, path: str) -> str:
     if not value:
         raise invalid(f"{path} must be set: a client-chosen id that retries of the same request reuse")
@@ -68,11 +100,16 @@ class RewardService:
             alive = alive_check(context)
             for raw in requests:
                 alive()
-                message = _parse(pb.ScoreLogitsStreamRequest, raw)
-                if message.WhichOneof("message") != "block":
-                    raise invalid(f"message {stream.blocks + 1} of the stream is not a logits block; only the first is a header")
-                self.metrics.logits_bytes.inc(len(message.block.data))
-                stream.add(message.block.data)
+                data = block_view(raw)
+                if data is None:
+                    message = _parse(pb.ScoreLogitsStreamRequest, raw)
+                    if message.WhichOneof("message") != "block":
+                        raise invalid(
+                            f"message {stream.blocks + 1} of the stream is not a logits block; only the first is a header"
+                        )
+                    data = message.block.data
+                self.metrics.logits_bytes.inc(len(data))
+                stream.add(data)
                 record.tokens = stream.filled
             scores = stream.finish().score(config)
             return pb.ScoreLogitsStreamResponse(result=wire.scores_to_proto(scores, record.request_id, self.backend))

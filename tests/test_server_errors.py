@@ -1,0 +1,331 @@
+"""Bad input gets the right status and a message naming the field; the server keeps serving."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corrpo import wire
+from corrpo.v1 import reward_service_pb2 as pb
+from corrpo.v1 import tensor_pb2
+from corrpo_server.service import block_view
+
+F32, I32, I64 = tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_INT32, tensor_pb2.DTYPE_INT64
+INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def t(values, dtype=None) -> tensor_pb2.Tensor:
+    return wire.encode(np.asarray(values), dtype)
+
+
+def stats_rollout(n=10, seed=0, reward=1.0, **overrides) -> pb.Rollout:
+    rng = np.random.default_rng(seed)
+    fields = dict(entropy=t(rng.random(n), F32), grad_norm=t(rng.random(n), F32))
+    fields.update(overrides)
+    rollout = pb.Rollout(stats=pb.TokenStatsPayload(**fields))
+    if reward is not None:
+        rollout.reward = reward
+    return rollout
+
+
+def logits_rollout(logits, ids, reward=1.0) -> pb.Rollout:
+    return pb.Rollout(reward=reward, logits=pb.LogitsPayload(logits=t(logits, F32), token_ids=t(ids, I64)))
+
+
+def request(*groups, config=None, request_id="bad-input") -> pb.ScoreRequest:
+    message = pb.ScoreRequest(request_id=request_id, config=config or pb.ScoreConfig())
+    for rollouts in groups:
+        message.groups.add().rollouts.extend(rollouts)
+    return message
+
+
+GOOD = request([stats_rollout(seed=1), stats_rollout(seed=2)])
+LOGITS = np.random.default_rng(3).standard_normal((6, 9)).astype(np.float32)
+
+
+def with_nan(z, row, col):
+    z = z.copy()
+    z[row, col] = np.nan
+    return z
+
+
+def top_k_rollout(**overrides) -> pb.Rollout:
+    fields = dict(
+        top_logprobs=t([[-0.5, -1.5]] * 3, F32),
+        top_token_ids=t([[1, 2]] * 3, I64),
+        logprob=t([-0.5, -1.5, -0.5], F32),
+        token_ids=t([1, 2, 1], I64),
+        vocab_size=10,
+    )
+    fields.update(overrides)
+    return pb.Rollout(top_k=pb.TopKPayload(**fields))
+
+
+UNARY_CASES = {
+    "wrong byte count": (
+        request([stats_rollout(entropy=tensor_pb2.Tensor(dtype=F32, shape=[10], data=b"\0" * 38))]),
+        INVALID,
+        "groups[0].rollouts[0].stats.entropy.data holds 38 bytes, but DTYPE_FLOAT32 [10] needs 40",
+    ),
+    "wrong dtype": (
+        request([stats_rollout(grad_norm=t(np.arange(10), I32))]),
+        INVALID,
+        "groups[0].rollouts[0].stats.grad_norm.dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT64, got DTYPE_INT32",
+    ),
+    "wrong rank": (
+        request([stats_rollout(entropy=t(np.zeros((2, 5)), F32))]),
+        INVALID,
+        "stats.entropy.shape must have 1 dimension(s), got [2, 5]",
+    ),
+    "mismatched lengths": (
+        request([stats_rollout(grad_norm=t(np.zeros(9), F32))]),
+        INVALID,
+        "groups[0].rollouts[0].stats.grad_norm has 9 tokens, but groups[0].rollouts[0].stats.entropy has 10",
+    ),
+    "NaN entropy": (
+        request([stats_rollout(), stats_rollout(entropy=t([0.5] * 4 + [np.nan] + [0.5] * 5, F32))]),
+        INVALID,
+        "groups[0].rollouts[1].stats.entropy[4] is nan; it must be finite, >= 0",
+    ),
+    "NaN logits": (
+        request([logits_rollout(LOGITS, [0] * 6), logits_rollout(with_nan(LOGITS, 2, 3), [0] * 6)]),
+        INVALID,
+        "groups[0].rollouts[1].logits.logits: logits at row 2: vocabulary index 3 is NaN",
+    ),
+    "token out of range": (
+        request([logits_rollout(LOGITS, [0, 1, 2, 9, 0, 0])]),
+        INVALID,
+        "token id at row 3: 9 is outside the vocabulary [0, 9)",
+    ),
+    "token ids and rows": (
+        request([logits_rollout(LOGITS, [0, 1])]),
+        INVALID,
+        "groups[0].rollouts[0].logits.token_ids has 2 tokens, but groups[0].rollouts[0].logits.logits has 6 rows",
+    ),
+    "no groups": (request(), INVALID, "groups is empty"),
+    "empty group": (request([stats_rollout()], []), INVALID, "groups[1].rollouts is empty"),
+    "no payload": (request([pb.Rollout(reward=1.0)]), INVALID, "groups[0].rollouts[0] has no payload"),
+    "some rewards missing": (
+        request([stats_rollout(), stats_rollout(reward=None)]),
+        INVALID,
+        "groups[0].rollouts[1].reward is missing",
+    ),
+    "NaN reward": (request([stats_rollout(reward=float("nan"))]), INVALID, "groups[0].rollouts[0].reward is nan"),
+    "no request id": (request([stats_rollout()], request_id=""), INVALID, "request_id must be set"),
+    "min_tokens 1": (
+        request([stats_rollout()], config=pb.ScoreConfig(min_tokens=1)),
+        INVALID,
+        "config.min_tokens must be an integer >= 2, got 1",
+    ),
+    "negative temperature": (
+        request([stats_rollout()], config=pb.ScoreConfig(temperature=-1.0)),
+        INVALID,
+        "config.temperature must be > 0, got -1.0",
+    ),
+    "NaN coef": (
+        request([stats_rollout()], config=pb.ScoreConfig(coef=float("nan"))),
+        INVALID,
+        "config.coef must be finite",
+    ),
+    "unknown enum": (
+        request([stats_rollout()], config=pb.ScoreConfig(method=7)),
+        INVALID,
+        "config.method: unknown enum value 7",
+    ),
+    "top-k logprob above the top-k": (
+        request([top_k_rollout(logprob=t([-0.5, -1.5, -0.1], F32), token_ids=t([1, 2, 7], I64))]),
+        INVALID,
+        "groups[0].rollouts[0].top_k.logprob: token 2 is not among its top-k ids",
+    ),
+    "top-k without vocabulary": (
+        request([top_k_rollout(vocab_size=0)]),
+        INVALID,
+        "groups[0].rollouts[0].top_k.vocab_size must be set",
+    ),
+    "too many tokens": (
+        request([stats_rollout(n=200_001)]),
+        EXHAUSTED,
+        "more than 200000 tokens",
+    ),
+}
+
+
+def raw_call(channel: grpc.Channel, method: str, payload, streaming=False):
+    path = f"/corrpo.v1.RewardService/{method}"
+    if streaming:
+        call = channel.stream_unary(path, request_serializer=None, response_deserializer=None)
+    else:
+        call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+    return call(payload, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        yield ch
+
+
+def assert_fails(channel, method, payload, code, needle, streaming=False):
+    with pytest.raises(grpc.RpcError) as info:
+        raw_call(channel, method, payload, streaming)
+    assert info.value.code() == code, info.value.details()
+    assert needle in info.value.details()
+    # ... and the server answers a good request right after.
+    reply = pb.ScoreResponse.FromString(raw_call(channel, "Score", GOOD.SerializeToString()))
+    assert len(reply.result.groups[0].rollouts) == 2
+
+
+@pytest.mark.parametrize("case", list(UNARY_CASES), ids=list(UNARY_CASES))
+def test_bad_unary_request(channel, case):
+    message, code, needle = UNARY_CASES[case]
+    assert_fails(channel, "Score", message.SerializeToString(), code, needle)
+
+
+def test_garbage_bytes(channel):
+    assert_fails(channel, "Score", b"\xff\xff\xff\xff", INVALID, "not a valid corrpo.v1.ScoreRequest")
+
+
+def test_huge_message(channel):
+    big = request([stats_rollout(entropy=tensor_pb2.Tensor(dtype=F32, shape=[5 << 20], data=bytes(20 << 20)))])
+    assert_fails(channel, "Score", big.SerializeToString(), EXHAUSTED, "larger than max")
+
+
+def header(lengths=(3, 3), vocab=9, rewards=(1.0, 0.0), **overrides) -> pb.ScoreLogitsStreamRequest:
+    fields = dict(
+        request_id="stream",
+        dtype=F32,
+        vocab_size=vocab,
+        token_ids=t(np.zeros(sum(lengths), np.int64), I64),
+    )
+    fields.update(overrides)
+    message = pb.LogitsStreamHeader(**fields)
+    group = message.groups.add()
+    for n, r in zip(lengths, rewards):
+        group.rollouts.add(num_tokens=n, reward=r)
+    return pb.ScoreLogitsStreamRequest(header=message)
+
+
+def block(rows: np.ndarray) -> pb.ScoreLogitsStreamRequest:
+    return pb.ScoreLogitsStreamRequest(block=pb.LogitsBlock(data=np.ascontiguousarray(rows, np.float32).tobytes()))
+
+
+STREAM_CASES = {
+    "missing header": ([block(LOGITS)], "the first message of a ScoreLogitsStream must be its header"),
+    "empty stream": ([], "the stream is empty"),
+    "second header": ([header(), block(LOGITS[:2]), header()], "message 2 of the stream is not a logits block"),
+    "partial row": (
+        [header(), pb.ScoreLogitsStreamRequest(block=pb.LogitsBlock(data=bytes(40)))],
+        "blocks[0] holds 40 bytes, not a positive multiple of one row (9 x 4 = 36 bytes)",
+    ),
+    "too many rows": ([header(), block(LOGITS), block(LOGITS[:1])], "blocks[1] brings the stream to 7 rows"),
+    "ended early": ([header(), block(LOGITS[:4])], "the stream ended after 4 of the 6 rows"),
+    "NaN in second rollout": (
+        [header(), block(LOGITS[:2]), block(with_nan(LOGITS, 3, 5)[2:])],
+        # Global row 3 is row 1 of the second block, and the first token of the second rollout.
+        "blocks[1]: logits at row 1: vocabulary index 5 is NaN (logits must be finite or -inf) "
+        "(row 1 of the block is groups[0].rollouts[1], token 0)",
+    ),
+    "bad dtype": ([header(dtype=I32)], "header.dtype must be one of"),
+    "ids and layout": (
+        [header(token_ids=t(np.zeros(5), I64))],
+        "header.token_ids has 5 ids, but the rollouts declare 6 tokens",
+    ),
+    "bad config": ([header(config=pb.ScoreConfig(temperature=0.0))], "header.config.temperature must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES), ids=list(STREAM_CASES))
+def test_bad_stream(channel, case):
+    messages, needle = STREAM_CASES[case]
+    assert_fails(channel, "ScoreLogitsStream", iter([m.SerializeToString() for m in messages]), INVALID, needle, True)
+
+
+def test_stream_over_the_token_limit(channel):
+    too_long = header(lengths=(200_001,), rewards=(1.0,))
+    assert_fails(
+        channel, "ScoreLogitsStream", iter([too_long.SerializeToString()]), EXHAUSTED, "declares 200001 tokens", True
+    )
+
+
+@given(st.binary(max_size=2048))
+def test_block_view_reads_plain_blocks_like_protobuf(data):
+    raw = pb.ScoreLogitsStreamRequest(block=pb.LogitsBlock(data=data)).SerializeToString()
+    assert bytes(block_view(raw)) == data
+    # Anything else is left to the parser.
+    assert block_view(header().SerializeToString()) is None
+    assert block_view(raw + b"\x12\x00") is None
+
+
+# Malformed requests: arbitrary tensors, shapes, dtypes, configs and bytes.
+tensors = st.builds(
+    tensor_pb2.Tensor,
+    dtype=st.integers(0, 8),
+    shape=st.lists(st.integers(-2, 6), max_size=3),
+    data=st.binary(max_size=64),
+)
+configs = st.builds(
+    pb.ScoreConfig,
+    method=st.integers(0, 3),
+    min_tokens=st.integers(0, 20),
+    temperature=st.floats(allow_nan=True, allow_infinity=True),
+    coef=st.floats(allow_nan=True, allow_infinity=True),
+    gate=st.integers(0, 3),
+    threshold=st.floats(allow_nan=True),
+    advantage=st.integers(0, 4),
+    top_k_estimate=st.integers(0, 3),
+)
+payloads = st.one_of(
+    st.builds(lambda a, b, c, d: pb.Rollout(stats=pb.TokenStatsPayload(entropy=a, grad_norm=b, logprob=c, token_ids=d)),
+              tensors, tensors, tensors, tensors),
+    st.builds(lambda a, b: pb.Rollout(logits=pb.LogitsPayload(logits=a, token_ids=b)), tensors, tensors),
+    st.builds(
+        lambda a, b, c, d, v: pb.Rollout(
+            top_k=pb.TopKPayload(top_logprobs=a, top_token_ids=b, logprob=c, token_ids=d, vocab_size=v)
+        ),
+        tensors, tensors, tensors, tensors, st.integers(0, 12),
+    ),
+    st.just(pb.Rollout()),
+)
+
+
+def _with_reward(rollout: pb.Rollout, reward: float | None) -> pb.Rollout:
+    if reward is not None:
+        rollout.reward = reward
+    return rollout
+
+
+rollouts = st.builds(_with_reward, payloads, st.none() | st.floats(allow_nan=True))
+requests_ = st.builds(
+    lambda rid, config, groups: request(*groups, config=config, request_id=rid),
+    st.text(max_size=140),
+    configs,
+    st.lists(st.lists(rollouts, max_size=3), max_size=3),
+)
+ALLOWED = {grpc.StatusCode.OK, INVALID, EXHAUSTED}
+
+
+@settings(max_examples=150)
+@given(requests_)
+def test_malformed_requests_never_unknown(channel, message):
+    try:
+        raw_call(channel, "Score", message.SerializeToString())
+    except grpc.RpcError as err:
+        assert err.code() in ALLOWED, (err.code(), err.details())
+
+
+@settings(max_examples=100)
+@given(st.lists(st.binary(max_size=200), max_size=4))
+def test_malformed_streams_never_unknown(channel, messages):
+    try:
+        raw_call(channel, "ScoreLogitsStream", iter(messages), streaming=True)
+    except grpc.RpcError as err:
+        assert err.code() in ALLOWED, (err.code(), err.details())
+
+
+def test_server_alive_after_malformed_requests(server, channel):
+    assert server.process.poll() is None
+    reply = pb.ScoreResponse.FromString(raw_call(channel, "Score", GOOD.SerializeToString()))
+    assert reply.result.request_id == "bad-input"
