@@ -30,7 +30,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import wire
-from ._arrays import logits_buffer
+from ._arrays import is_torch, logits_buffer, vector
 from .errors import ShapeError
 from .scoring import ScoreConfig, Scores
 from .stats import token_stats
@@ -77,20 +77,20 @@ def channel_target(targets: str | Sequence[str]) -> str:
 
 
 def service_config(max_attempts: int) -> str:
-    """round_robin over every resolved address; UNAVAILABLE retried with backoff."""
-    retry = {
-        "maxAttempts": max_attempts,
-        "initialBackoff": "0.05s",
-        "maxBackoff": "2s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    }
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": retry}],
+    """round_robin over every resolved address; UNAVAILABLE retried with backoff (gRPC takes
+    a retry policy only for 2 attempts or more)."""
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    method: dict[str, Any] = {"name": [{"service": SERVICE}]}
+    if max_attempts > 1:
+        method["retryPolicy"] = {
+            "maxAttempts": max_attempts,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
         }
-    )
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]})
 
 
 def _pem(value: bytes | str | Path | None) -> bytes | None:
@@ -146,7 +146,7 @@ def _channel(
 def _seq(values: Any, name: str) -> list[Any]:
     if values is None:
         return []
-    if isinstance(values, np.ndarray) or type(values).__module__.startswith("torch"):
+    if isinstance(values, np.ndarray) or is_torch(values):
         raise ShapeError(f"{name} must be a sequence with one array per rollout, got a single {type(values).__name__}")
     return list(values)
 
@@ -154,15 +154,6 @@ def _seq(values: Any, name: str) -> list[Any]:
 def _ids_tensor(ids: np.ndarray) -> tensor_pb2.Tensor:
     narrow = len(ids) == 0 or (ids.min() >= 0 and ids.max() < 2**31)
     return wire.encode(ids, tensor_pb2.DTYPE_INT32 if narrow else tensor_pb2.DTYPE_INT64)
-
-
-def _vector(values: Any, dtype: type, name: str) -> np.ndarray:
-    if type(values).__module__.startswith("torch"):
-        values = values.detach().cpu().float().numpy() if values.dtype.is_floating_point else values.detach().cpu().numpy()
-    array = np.asarray(values, dtype=dtype)
-    if array.ndim != 1:
-        raise ShapeError(f"{name} must be 1-D per rollout, got shape {array.shape}")
-    return array
 
 
 def _group_sizes(n: int, group_sizes: Sequence[int] | int | None) -> list[int]:
@@ -244,7 +235,7 @@ def prepare(
     if kinds[0] in ("logits", "top_logprobs") and len(ids) != n:
         raise ShapeError(f"token_ids must hold one array per rollout: {len(ids)} for {n} rollouts")
     sizes = _group_sizes(n, group_sizes)
-    reward_list = None if rewards is None else [float(r) for r in _vector(rewards, np.float64, "rewards")]
+    reward_list = None if rewards is None else [float(r) for r in vector(rewards, np.float64, "rewards")]
     if reward_list is not None and len(reward_list) != n:
         raise ShapeError(f"{len(reward_list)} rewards for {n} rollouts")
 
@@ -255,7 +246,7 @@ def prepare(
         if len(dtypes) > 1 or len(vocabs) > 1:
             raise ShapeError(f"streamed logits must share one dtype and vocabulary, got {sorted(dtypes)} and {sorted(vocabs)}")
         arrays = [a for a, _ in buffers]
-        id_arrays = [_vector(i, np.int64, "token_ids") for i in ids]
+        id_arrays = [vector(i, np.int64, "token_ids") for i in ids]
         for k, (a, i) in enumerate(zip(arrays, id_arrays)):
             if len(a) != len(i):
                 raise ShapeError(f"rollout {k}: {len(a)} logits rows but {len(i)} token ids")
@@ -279,7 +270,7 @@ def prepare(
     rollouts: list[pb.Rollout] = []
     if kinds[0] == "logits":
         for k, (x, i) in enumerate(zip(primary, ids)):
-            i = _vector(i, np.int64, f"token_ids[{k}]")
+            i = vector(i, np.int64, f"token_ids[{k}]")
             stats = token_stats(x, i, temperature=config.temperature)
             payload = pb.TokenStatsPayload(
                 entropy=wire.encode(stats.entropy), grad_norm=wire.encode(stats.grad_norm), token_ids=_ids_tensor(i)
@@ -292,13 +283,13 @@ def prepare(
             raise ShapeError("entropy, grad_norm (and logprob, token_ids when given) need one array per rollout each")
         for k in range(n):
             payload = pb.TokenStatsPayload(
-                entropy=wire.encode(_vector(primary[k], np.float32, "entropy")),
-                grad_norm=wire.encode(_vector(norms[k], np.float32, "grad_norm")),
+                entropy=wire.encode(vector(primary[k], np.float32, "entropy")),
+                grad_norm=wire.encode(vector(norms[k], np.float32, "grad_norm")),
             )
             if lps:
-                payload.logprob.CopyFrom(wire.encode(_vector(lps[k], np.float32, "logprob")))
+                payload.logprob.CopyFrom(wire.encode(vector(lps[k], np.float32, "logprob")))
             if ids:
-                payload.token_ids.CopyFrom(_ids_tensor(_vector(ids[k], np.int64, "token_ids")))
+                payload.token_ids.CopyFrom(_ids_tensor(vector(ids[k], np.int64, "token_ids")))
             rollouts.append(pb.Rollout(stats=payload))
     else:
         tops = _seq(top_token_ids, "top_token_ids")
@@ -309,8 +300,8 @@ def prepare(
             payload = pb.TopKPayload(
                 top_logprobs=wire.encode(np.asarray(primary[k], dtype=np.float32)),
                 top_token_ids=wire.encode(np.asarray(tops[k], dtype=np.int64)),
-                logprob=wire.encode(_vector(lps[k], np.float32, "logprob")),
-                token_ids=_ids_tensor(_vector(ids[k], np.int64, "token_ids")),
+                logprob=wire.encode(vector(lps[k], np.float32, "logprob")),
+                token_ids=_ids_tensor(vector(ids[k], np.int64, "token_ids")),
                 vocab_size=int(vocab_size),
             )
             rollouts.append(pb.Rollout(top_k=payload))

@@ -20,6 +20,7 @@ import corrpo
 from .failure import Failure
 
 log = logging.getLogger("corrpo_server")
+_DEADLINE_SLACK_S = 0.1
 
 
 class _JsonLines(logging.Formatter):
@@ -89,6 +90,17 @@ def alive_check(context: grpc.ServicerContext):
     return alive
 
 
+def settled(context: grpc.ServicerContext, wait_s: float = 0.2) -> None:
+    """Raises Stopped if the call turns out to be cancelled within ``wait_s``. A cancelled
+    client stream can end its request iterator a moment before the call reads as
+    cancelled; a stream that ended short waits this long before being called malformed."""
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        if not context.is_active():
+            raise Stopped()
+        time.sleep(0.005)
+
+
 def _outcome(err: BaseException | None, context: grpc.ServicerContext, record: Record) -> tuple[grpc.StatusCode, str]:
     if err is None:
         return grpc.StatusCode.OK, ""
@@ -97,9 +109,10 @@ def _outcome(err: BaseException | None, context: grpc.ServicerContext, record: R
     if isinstance(err, corrpo.CorrpoError):
         return grpc.StatusCode.INVALID_ARGUMENT, err.message
     if isinstance(err, (Stopped, grpc.RpcError)):
-        # Raised when the client has gone: a cancelled call, or one past its deadline.
+        # Raised when the client has gone: a cancelled call, or one past its deadline. A client
+        # whose own deadline fires cancels the call a few ms before the server's copy expires.
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining < _DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request was scored"
         return grpc.StatusCode.CANCELLED, "the client cancelled the request"
     event(

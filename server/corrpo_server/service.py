@@ -12,7 +12,7 @@ from corrpo.v1 import reward_service_pb2 as pb
 
 from .batch import Limits, LogitsStream, Reducer, from_score_request
 from .failure import invalid
-from .observe import Metrics, alive_check, observed
+from .observe import Metrics, alive_check, observed, settled
 
 SERVICE = "corrpo.v1.RewardService"
 _MAX_REQUEST_ID = 128
@@ -86,8 +86,10 @@ class RewardService:
 
     def score_logits_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ScoreLogitsStreamResponse:
         with observed("ScoreLogitsStream", context, self.metrics) as record:
+            alive = alive_check(context)
             first = next(requests, None)
             if first is None:
+                settled(context)
                 raise invalid("the stream is empty: send a header, then the logits blocks")
             message = _parse(pb.ScoreLogitsStreamRequest, first)
             if message.WhichOneof("message") != "header":
@@ -97,7 +99,6 @@ class RewardService:
             config = wire.config_from_proto(header.config, "header.config")
             stream = LogitsStream(header, config, self.limits, self.reduce)
             record.rollouts = len(stream.lengths)
-            alive = alive_check(context)
             for raw in requests:
                 alive()
                 data = block_view(raw)
@@ -111,6 +112,8 @@ class RewardService:
                 self.metrics.logits_bytes.inc(len(data))
                 stream.add(data)
                 record.tokens = stream.filled
+            if stream.filled < stream.total:
+                settled(context)
             scores = stream.finish().score(config)
             return pb.ScoreLogitsStreamResponse(result=wire.scores_to_proto(scores, record.request_id, self.backend))
 

@@ -1,0 +1,143 @@
+"""Top-k bounds against exact distributions, and corrpo.score against the float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import corrpo
+from corrpo import reference
+
+
+def exact(p: np.ndarray, y: int) -> tuple[float, float]:
+    nz = p[p > 0]
+    onehot = np.zeros_like(p)
+    onehot[y] = 1.0
+    return float(-(nz * np.log(nz)).sum()), float(np.linalg.norm(p - onehot))
+
+
+def top_k_of(p: np.ndarray, y: int, k: int):
+    order = np.argsort(-p, kind="stable")[:k]
+    with np.errstate(divide="ignore"):
+        return np.log(p[order])[None], order[None], np.log([p[y]]), np.array([y])
+
+
+@given(
+    st.integers(2, 60),
+    st.integers(1, 8),
+    st.floats(0.1, 8.0),
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+)
+def test_bounds_contain_the_exact_values(vocab, k, sharpness, seed, emit_from_tail):
+    k = min(k, vocab - 1)
+    rng = np.random.default_rng(seed)
+    z = sharpness * rng.standard_normal(vocab)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    y = int(order[-1] if emit_from_tail else order[0])
+    b = corrpo.top_k_stats(*top_k_of(p, y, k), vocab)
+    h, g = exact(p, y)
+    assert b.entropy_lower[0] - 1e-9 <= h <= b.entropy_upper[0] + 1e-9
+    assert b.grad_norm_lower[0] - 1e-9 <= g <= b.grad_norm_upper[0] + 1e-9
+
+
+def test_bounds_are_tight_at_their_extremes():
+    # A uniform tail reaches the upper entropy bound and the lower G bound ...
+    p = np.array([0.5, 0.2] + [0.3 / 6] * 6)
+    b = corrpo.top_k_stats(*top_k_of(p, 0, 2), len(p))
+    h, g = exact(p, 0)
+    assert b.entropy_upper[0] == pytest.approx(h, abs=1e-12)
+    assert b.grad_norm_lower[0] == pytest.approx(g, abs=1e-12)
+    # ... a tail of tokens as large as the smallest top-k one reaches the other two.
+    p = np.array([0.4, 0.2, 0.2, 0.2, 0.0, 0.0])
+    b = corrpo.top_k_stats(*top_k_of(p, 1, 2), len(p))
+    h, g = exact(p, 1)
+    assert b.entropy_lower[0] == pytest.approx(h, abs=1e-12)
+    assert b.grad_norm_upper[0] == pytest.approx(g, abs=1e-12)
+    # With everything in the top-k, both bounds are exact.
+    p = np.array([0.7, 0.2, 0.1])
+    b = corrpo.top_k_stats(*top_k_of(p, 2, 3), 3)
+    h, g = exact(p, 2)
+    for value, want in ((b.entropy_lower, h), (b.entropy_upper, h), (b.grad_norm_lower, g), (b.grad_norm_upper, g)):
+        assert value[0] == pytest.approx(want, abs=1e-12)
+
+
+def test_grad_norm_keeps_precision_near_certainty():
+    p_y = 1 - 1e-10
+    b = corrpo.top_k_stats(np.log([[p_y, 5e-11]]), [[0, 1]], np.log([p_y]), [0], 4)
+    # ||p - e_y||^2 = (1 - p_y)^2 + sum of the rest squared, with the rest in [5e-11, 5e-11 + 5e-11].
+    assert 1e-10 <= b.grad_norm_lower[0] <= b.grad_norm_upper[0] <= 1.3e-10
+
+
+@pytest.mark.parametrize(
+    "args, error, needle",
+    [
+        (([[0.5, -1.0]], [[0, 1]], [-1.0], [1], 5), corrpo.InvalidValueError, "not a logprob"),
+        (([[-0.1, -0.2]], [[0, 1]], [-0.1], [0], 5), corrpo.InvalidValueError, "add up to probability"),
+        (([[-1.0, -2.0]], [[0, 1]], [-0.5], [3], 5), corrpo.InvalidValueError, "not among its top-k ids"),
+        (([[-1.0, -2.0]], [[0, 7]], [-1.0], [0], 5), corrpo.InvalidTokenError, "outside the vocabulary [0, 5)"),
+        (([[-1.0, -2.0]], [[0, 1]], [-1.0, -1.0], [0, 0], 5), corrpo.ShapeError, "must be [1]"),
+        (([[-0.7, -0.7]], [[0, 1]], [-0.7], [0], 2), None, None),
+    ],
+)
+def test_bad_top_k_input(args, error, needle):
+    if error is None:
+        corrpo.top_k_stats(*args)
+        return
+    with pytest.raises(error, match=None) as info:
+        corrpo.top_k_stats(*args)
+    assert needle in str(info.value)
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["spearman", "pearson"]), st.booleans())
+def test_score_matches_reference(seed, method, verifier_free):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 4, size=rng.integers(1, 4))
+    lengths = rng.integers(0, 20, size=sizes.sum())
+    h = rng.gamma(2.0, 1.0, lengths.sum())
+    g = rng.random(lengths.sum())
+    ids = rng.integers(0, 12, lengths.sum())
+    rewards = None if verifier_free else rng.integers(0, 2, sizes.sum()).astype(float)
+    gate = "none" if verifier_free else "correct"
+    config = corrpo.ScoreConfig(method=method, min_tokens=3, coef=0.3, gate=gate, threshold=0.5)
+    got = corrpo.score(h, g, lengths, sizes, rewards=rewards, token_ids=ids, config=config)
+
+    rc = reference.rollout_correlations(h, g, lengths, method=method, min_tokens=3)
+    rho, reasons = rc["rho"], rc["reasons"]
+    np.testing.assert_allclose(got.rho, rho, rtol=1e-10, atol=1e-12)
+    assert got.reasons == reasons
+    want = reference.regularize(rewards, rho, sizes, coef=0.3, gate=gate, threshold=0.5, advantage="grpo")
+    np.testing.assert_allclose(got.rewards, want["rewards"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.advantages, want["advantages"], rtol=1e-9, atol=1e-9)
+    fp = reference.fingerprint(h, g, ids, lengths, method=method, min_tokens=3)
+    for name in ("rho_pooled", "rho_unique", "rho_rollout_mean"):
+        np.testing.assert_allclose(getattr(got.fingerprint, name), fp[name], rtol=1e-10, atol=1e-12)
+    ends = np.cumsum(lengths)
+    for i, (end, n) in enumerate(zip(ends, lengths)):
+        if n:
+            assert got.entropy_mean[i] == pytest.approx(h[end - n : end].mean(), rel=1e-12)
+        else:
+            assert np.isnan(got.entropy_mean[i]) and got.reasons[i] == "too_few_tokens"
+    assert [got.rho[s].shape[0] for s in got.groups()] == list(sizes)
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ({"method": "kendall"}, "method must be one of"),
+        ({"min_tokens": 1}, "min_tokens must be an integer >= 2"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"coef": float("inf")}, "coef must be finite"),
+        ({"gate": "wrong"}, "gate must be one of"),
+        ({"advantage": "ppo"}, "advantage must be one of"),
+        ({"top_k_estimate": "middle"}, "top_k_estimate must be one of"),
+    ],
+)
+def test_score_config_rejects_bad_settings(settings, needle):
+    with pytest.raises(corrpo.ConfigError) as info:
+        corrpo.ScoreConfig(**settings)
+    assert needle in str(info.value)
