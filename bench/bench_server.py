@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 import corrpo
-from corrpo.client import RewardClient
-from corrpo.v1 import reward_service_pb2 as pb
+from corrpo.client import RewardClient, prepare
+from corrpo.scoring import ScoreConfig
 from corrpo_server.process import ServerProcess
 
 console = Console()
@@ -93,13 +93,9 @@ def in_process_throughput(batch: dict, group: int, seconds: float) -> float:
 
 
 def stream_messages(logits: np.ndarray, ids: np.ndarray, block_bytes: int):
-    header = pb.LogitsStreamHeader(request_id="bench", dtype=1, vocab_size=logits.shape[1])
-    header.token_ids.CopyFrom(corrpo.wire.encode(ids.astype(np.int32)))
-    header.groups.add().rollouts.add(num_tokens=len(ids), reward=1.0)
-    yield pb.ScoreLogitsStreamRequest(header=header).SerializeToString()
-    per = max(1, block_bytes // (logits.shape[1] * 4))
-    for start in range(0, len(logits), per):
-        yield pb.ScoreLogitsStreamRequest(block=pb.LogitsBlock(data=logits[start : start + per].tobytes())).SerializeToString()
+    """The serialized messages RewardClient sends for these logits (one rollout)."""
+    prepared = prepare(logits=[logits], token_ids=[ids], send="logits", block_bytes=block_bytes, config=ScoreConfig())
+    return (message.SerializeToString() for message in prepared.stream())
 
 
 def stream_gibps(target: str, logits: np.ndarray, ids: np.ndarray, repeats: int) -> float:

@@ -100,6 +100,7 @@ _ESTIMATES = {
     "uniform_tail": pb.TOP_K_ESTIMATE_UNIFORM_TAIL,
 }
 _ENUMS = {"method": _METHODS, "gate": _GATES, "advantage": _ADVANTAGES, "top_k_estimate": _ESTIMATES}
+_ENUM_NAMES = {name: {v: k for k, v in table.items()} for name, table in _ENUMS.items()}
 _OPTIONAL = ("min_tokens", "temperature", "coef", "threshold")
 _STATUS = {
     None: pb.RHO_STATUS_DEFINED,
@@ -120,11 +121,10 @@ def config_from_proto(message: pb.ScoreConfig, path: str = "config") -> ScoreCon
     """The settings of a request: unset fields take their defaults; bad values raise a
     ConfigError naming the field."""
     settings: dict[str, Any] = {}
-    for name, table in _ENUMS.items():
+    for name, names in _ENUM_NAMES.items():
         value = getattr(message, name)
         if value == 0:
             continue
-        names = {v: k for k, v in table.items()}
         if value not in names:
             raise ConfigError(f"{path}.{name}: unknown enum value {value}", field=f"{path}.{name}")
         settings[name] = names[value]
