@@ -21,7 +21,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -365,8 +365,7 @@ class _Client:
 
     def _prepare(self, kwargs: dict[str, Any]) -> tuple[_Prepared, float | None]:
         timeout = kwargs.pop("timeout", self.timeout)
-        names = ("method", "min_tokens", "temperature", "coef", "gate", "threshold", "advantage", "top_k_estimate")
-        config = ScoreConfig(**{k: kwargs.pop(k) for k in names if k in kwargs})
+        config = ScoreConfig(**{f.name: kwargs.pop(f.name) for f in fields(ScoreConfig) if f.name in kwargs})
         kwargs.setdefault("block_bytes", self.block_bytes)
         return prepare(config=config, **kwargs), timeout
 

@@ -105,7 +105,7 @@ class Scores:
         return [slice(int(e - n), int(e)) for e, n in zip(ends, self.group_sizes)]
 
 
-def rollout_means(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def _rollout_means(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Mean of ``values`` over each rollout of a ragged batch; NaN for an empty rollout."""
     owner = np.repeat(np.arange(len(lengths)), lengths)
     sums = np.bincount(owner, weights=values, minlength=len(lengths))
@@ -162,8 +162,8 @@ def score(
         advantages=out.advantages,
         regularized=out.applied,
         n_tokens=rc.n_tokens,
-        entropy_mean=rollout_means(h, spans),
-        grad_norm_mean=rollout_means(g, spans),
+        entropy_mean=_rollout_means(h, spans),
+        grad_norm_mean=_rollout_means(g, spans),
         group_sizes=sizes,
         fingerprint=fp,
         config=config,
