@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(abspath $(VENV)/bin/python)
 export PYO3_PYTHON := $(PY)
 
-.PHONY: demo test native proto proto-check lint test-rust test-python bench clean
+.PHONY: demo test native proto proto-check lint test-rust test-python bench bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,11 @@ $(PY):
 native: $(PY)
 	$(PY) -m pip install -q --no-build-isolation -e '.[grpc]' -e ./server
 
-# The test, bench and proto extras of pyproject.toml (torch among them: a large first download).
-$(VENV)/.test-deps: pyproject.toml server/pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto]' -e ./server
+# The test, bench and proto extras of pyproject.toml and the Triton kernels (torch and
+# triton among them: a large first download). Without a GPU the tests run the kernels
+# through Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py).
+$(VENV)/.test-deps: pyproject.toml server/pyproject.toml kernels/pyproject.toml | $(PY)
+	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto]' -e ./server -e ./kernels
 	touch $@
 
 demo: native
@@ -57,6 +59,11 @@ test: lint proto-check test-rust test-python
 bench: native $(VENV)/.test-deps
 	$(PY) bench/bench_token_stats.py
 	$(PY) bench/bench_server.py
+
+# The GPU bar (SPEC 8) on a CUDA device: kernels against the device copy bandwidth, torch
+# eager and compiled, and Liger-Kernel (pip install liger-kernel to include it).
+bench-gpu: native $(VENV)/.test-deps
+	$(PY) bench/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) target python/corrpo/_native*.so

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import corrpo
+from corrpo_kernels.torch_reference import token_stats as torch_composition
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -33,17 +34,6 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def torch_composition(z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The four quantities as a torch user writes them (float32 math)."""
-    logp = torch.log_softmax(z.float(), dim=-1)
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1)
-    logprob = logp.gather(-1, ids[:, None]).squeeze(-1)
-    collision = (p * p).sum(-1)
-    grad_norm = (1 - 2 * logprob.exp() + collision).clamp_min(0).sqrt()
-    return entropy, logprob, collision, grad_norm
 
 
 def numpy_composition(z: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -82,7 +72,7 @@ def bench(dtype: str, rows: int, vocab: int, repeats: int) -> dict:
     # The same values through every path, so the results must agree.
     ours = corrpo.token_stats(z, ids)
     theirs = torch_composition(zt, idt)
-    np.testing.assert_allclose(ours.entropy, theirs[0].numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(ours.entropy, theirs[0].float().numpy(), rtol=1e-3, atol=1e-3)
 
     t = {
         "corrpo": median_seconds(lambda: corrpo.token_stats(z, ids), repeats),

@@ -2,7 +2,14 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter, which
+# must be chosen before they are first imported (here, and in server processes started by
+# the tests, which inherit it). With a GPU the same tests run on the device.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "default", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -16,12 +23,24 @@ def rng():
     return np.random.default_rng(20260526)
 
 
+SERVER_ARGS = ("--max-message-mib", "16", "--max-tokens", "200000")
+
+
 @pytest.fixture(scope="session")
 def server():
     """One reward server process on an ephemeral loopback port, shared by read-only tests."""
     from corrpo_server.process import ServerProcess
 
-    with ServerProcess("--metrics-port", "0", "--max-message-mib", "16", "--max-tokens", "200000") as process:
+    with ServerProcess("--metrics-port", "0", *SERVER_ARGS) as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def triton_server():
+    """The same with --backend triton: the GPU where there is one, else Triton's interpreter."""
+    from corrpo_server.process import ServerProcess
+
+    with ServerProcess("--backend", "triton", *SERVER_ARGS) as process:
         yield process
 
 

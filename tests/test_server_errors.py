@@ -162,8 +162,10 @@ def raw_call(channel: grpc.Channel, method: str, payload, streaming=False):
     return call(payload, timeout=30)
 
 
-@pytest.fixture(scope="module")
-def channel(server):
+@pytest.fixture(scope="module", params=["cpu", "triton"])
+def channel(request):
+    """Every case against both backends: the Triton one must fail the same way."""
+    server = request.getfixturevalue("server" if request.param == "cpu" else "triton_server")
     with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         yield ch
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import corrpo
-from corrpo import wire
-from corrpo.client import AsyncRewardClient
+from corrpo import _triton, wire
+from corrpo.client import AsyncRewardClient, RewardClient
 from corrpo.v1 import reward_service_pb2 as pb
 from corrpo.v1 import reward_service_pb2_grpc as pb_grpc
 from rollouts import make_rollouts
@@ -21,11 +21,11 @@ from rollouts import make_rollouts
 SETTINGS = dict(method="pearson", min_tokens=5, coef=0.5, gate="correct", threshold=0.5, advantage="drgrpo")
 
 
-def in_process(logits, token_ids, rewards, group_sizes, temperature=1.0, **settings):
+def in_process(logits, token_ids, rewards, group_sizes, temperature=1.0, backend="cpu", **settings):
     """The expected scores, from corrpo's functions called one by one on all tokens."""
     lengths = [len(i) for i in token_ids]
     ids = np.concatenate(token_ids)
-    stats = corrpo.token_stats(np.concatenate(logits), ids, temperature=temperature)
+    stats = corrpo.token_stats(np.concatenate(logits), ids, temperature=temperature, backend=backend)
     method, min_tokens = settings.get("method", "spearman"), settings.get("min_tokens", 8)
     rc = corrpo.rollout_correlations(stats.entropy, stats.grad_norm, lengths, method=method, min_tokens=min_tokens)
     reg_settings = {k: settings[k] for k in ("coef", "gate", "threshold", "advantage") if k in settings}
@@ -127,6 +127,39 @@ def test_unary_logits_payload(server, rng):
     scores = wire.scores_from_proto(response.result)
     assert scores.request_id == "unary-logits"
     assert_scores(scores, *in_process(r.logits, r.token_ids, r.rewards, r.group_sizes), r.lengths)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_triton_backend_reduces_streamed_and_unary_logits(triton_server, rng, dtype):
+    r = make_rollouts(rng, [3, 2], vocab=300)
+    logits = [x.astype(dtype) for x in r.logits]
+    widened = [x.astype(np.float32) for x in logits]
+    want = in_process(widened, r.token_ids, r.rewards, r.group_sizes, temperature=0.9, backend="triton")
+    with RewardClient(triton_server.target, timeout=120) as client:
+        scores = client.score(
+            logits=logits, token_ids=r.token_ids, rewards=r.rewards, group_sizes=r.group_sizes, send="logits",
+            block_bytes=5000, temperature=0.9,
+        )
+    assert scores.backend == f"triton/{_triton.describe()}"
+    assert_scores(scores, *want, r.lengths, rtol=1e-6)
+    if dtype == np.float32:
+        with grpc.insecure_channel(triton_server.target) as channel:
+            response = pb_grpc.RewardServiceStub(channel).Score(_unary_logits_request(r, wire.tensor_pb2.DTYPE_FLOAT32))
+        want = in_process(widened, r.token_ids, r.rewards, r.group_sizes, backend="triton")
+        assert_scores(wire.scores_from_proto(response.result), *want, r.lengths, rtol=1e-6)
+
+
+def test_client_reduces_device_tensors_where_they_are(client, rng):
+    r = make_rollouts(rng, [2, 2])
+    off_host = [torch.empty((len(i), 512), device="meta") for i in r.token_ids]
+    with pytest.raises(corrpo.ConfigError, match="send='logits' streams host memory"):
+        client.score(logits=off_host, token_ids=r.token_ids, send="logits")
+    if torch.cuda.is_available():
+        logits = [torch.from_numpy(x).cuda() for x in r.logits]
+        ids = [torch.from_numpy(i).cuda() for i in r.token_ids]
+        scores = client.score(logits=logits, token_ids=ids, rewards=r.rewards, group_sizes=2)
+        want = in_process(r.logits, r.token_ids, r.rewards, [2, 2], backend="triton")
+        assert_scores(scores, *want, r.lengths, rtol=1e-6)
 
 
 def test_top_k_payload_matches_in_process_bounds(client, rng):

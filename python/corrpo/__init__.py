@@ -1,8 +1,10 @@
 """corrpo: Entropy-Gradient Inversion measurement and CorR-PO rewards for RL on LLMs.
 
-In-process API (the native core, GIL released, SIMD and multi-threaded):
+In-process API (the native core, GIL released, SIMD and multi-threaded; CUDA tensors go
+to the Triton kernels of corrpo-kernels):
 
     stats = corrpo.token_stats(logits, token_ids)            # per-token H, logprob, c, G
+    stats = corrpo.token_stats_from_hidden(hidden, lm_head.weight, token_ids)  # no [T, V] logits
     rc = corrpo.rollout_correlations(stats.entropy, stats.grad_norm, lengths)
     out = corrpo.regularize(rewards, rc.rho, group_sizes)    # CorR-PO rewards, advantages
     fp = corrpo.fingerprint(stats.entropy, stats.grad_norm, token_ids, lengths)
@@ -24,6 +26,7 @@ from .errors import (
     InvalidValueError,
     ShapeError,
 )
+from .from_hidden import token_stats_from_hidden
 from .rewards import Regularized, regularize
 from .scoring import ScoreConfig, Scores, TopKBounds, score
 from .stats import TokenStats, token_stats
@@ -55,5 +58,6 @@ __all__ = [
     "simd_isa",
     "supported_isas",
     "token_stats",
+    "token_stats_from_hidden",
     "top_k_stats",
 ]

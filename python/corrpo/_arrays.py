@@ -1,4 +1,4 @@
-"""Turns user input (NumPy arrays, ml_dtypes.bfloat16, torch CPU tensors, lists) into the
+"""Turns user input (NumPy arrays, ml_dtypes.bfloat16, torch tensors, lists) into the
 arrays the native core reads, without copying contiguous logits."""
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ import numpy as np
 
 from .errors import ConfigError, ShapeError
 
+
 def is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
 def _cpu_tensor(x: Any) -> Any:
     if x.device.type != "cpu":
-        raise ConfigError(f"corrpo's native core reads CPU memory, but the tensor is on {x.device}; pass tensor.cpu()")
+        raise ConfigError(
+            f"corrpo's native core reads CPU memory, but the tensor is on {x.device}; "
+            "use backend='auto' (the Triton kernels) or pass tensor.cpu()"
+        )
     return x.detach()
 
 
@@ -47,14 +51,18 @@ def logits_buffer(logits: Any) -> tuple[np.ndarray, str]:
     raise ConfigError(f"logits must be float32, float16 or bfloat16, got {array.dtype}")
 
 
-def _checked(array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
-    if array.ndim != 2:
+def check_logits_shape(shape: tuple[int, ...]) -> None:
+    if len(shape) != 2:
         raise ShapeError(
-            f"logits must be 2-D [tokens, vocab], got shape {array.shape}; "
+            f"logits must be 2-D [tokens, vocab], got shape {tuple(shape)}; "
             "flatten a [batch, time, vocab] tensor with .reshape(-1, vocab)"
         )
-    if array.shape[1] == 0:
+    if shape[1] == 0:
         raise ShapeError("logits have a vocabulary of size 0")
+
+
+def _checked(array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+    check_logits_shape(array.shape)
     if (array.shape[1] > 1 and array.strides[1] != array.itemsize) or array.strides[0] < 0:
         array = np.ascontiguousarray(array)
     return array, dtype
@@ -63,7 +71,8 @@ def _checked(array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
 def vector(values: Any, dtype: type, name: str, length: int | None = None) -> np.ndarray:
     """A 1-D contiguous array of `dtype`, checked against an expected length."""
     if is_torch(values):
-        tensor = _cpu_tensor(values)
+        # Per-token vectors are small: read them from any device.
+        tensor = values.detach().cpu()
         values = (tensor.float() if tensor.dtype.is_floating_point else tensor).numpy()
     array = np.asarray(values)
     if array.ndim != 1:

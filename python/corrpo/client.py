@@ -7,7 +7,8 @@
     scores.rewards, scores.advantages, scores.rho, scores.fingerprint
 
 Given logits, the client reduces them to per-token statistics locally with corrpo's
-kernels and sends ~12 bytes per token (the default); ``send="logits"`` streams the logits
+kernels (the native core, or the Triton kernels for CUDA tensors) and sends ~12 bytes per
+token (the default); ``send="logits"`` streams the logits
 themselves in blocks for the server to reduce. Several targets are balanced round-robin by
 gRPC, and UNAVAILABLE is retried (requests are idempotent, so retries are safe).
 """
@@ -31,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import wire
 from ._arrays import is_torch, logits_buffer, vector
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .scoring import ScoreConfig, Scores
 from .stats import token_stats
 from .v1 import reward_service_pb2 as pb
@@ -240,6 +241,11 @@ def prepare(
         raise ShapeError(f"{len(reward_list)} rewards for {n} rollouts")
 
     if send == "logits":
+        if any(is_torch(x) and x.device.type != "cpu" for x in primary):
+            raise ConfigError(
+                "send='logits' streams host memory; send='stats' (the default) reduces CUDA logits on their GPU "
+                "and sends 12 bytes per token, or pass tensor.cpu()"
+            )
         buffers = [logits_buffer(x) for x in primary]
         dtypes = {d for _, d in buffers}
         vocabs = {a.shape[1] for a, _ in buffers}
@@ -319,7 +325,8 @@ _SCORE_DOC = """Scores rollouts through the server: rho per rollout, CorR-PO rew
         advantages, and the batch fingerprint, in request order.
 
         Give one array per rollout of exactly one kind:
-          logits [T_i, V] (NumPy, ml_dtypes.bfloat16 or torch CPU) with token_ids [T_i];
+          logits [T_i, V] (NumPy, ml_dtypes.bfloat16 or torch; CUDA tensors are reduced on
+            their GPU by corrpo's Triton kernels) with token_ids [T_i];
           entropy and grad_norm [T_i] (optionally logprob and token_ids) from corrpo.token_stats;
           top_logprobs [T_i, k] with top_token_ids, logprob, token_ids and vocab_size.
         rewards: per rollout (verifier), or None for verifier-free training.

@@ -8,7 +8,10 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._arrays import logits_buffer, real, vector
+from ._arrays import is_torch, logits_buffer, real, vector
+from .errors import ConfigError
+
+BACKENDS = ("auto", "cpu", "triton")
 
 
 @dataclass(frozen=True)
@@ -40,27 +43,65 @@ def token_stats(
     temperature: float = 1.0,
     hidden_norms: Any = None,
     lengths: Any = None,
+    backend: str = "auto",
 ) -> TokenStats:
     """Entropy, logprob, collision mass and grad_norm of every token, from one read of its
     logits.
 
-    logits: [T, V] float32, float16 or bfloat16 (NumPy, ``ml_dtypes.bfloat16`` or a torch
-        CPU tensor); read in place when rows are contiguous. -inf entries are masked
-        vocabulary. Row t holds the logits that produced ``token_ids[t]``.
+    logits: [T, V] float32, float16 or bfloat16 (NumPy, ``ml_dtypes.bfloat16`` or torch);
+        read in place when rows are unit-stride (a slice of a larger tensor is not copied).
+        -inf entries are masked vocabulary. Row t holds the logits that produced
+        ``token_ids[t]``.
     token_ids: [T] integer ids of the emitted tokens.
     temperature: the sampling temperature; statistics are of softmax(logits / temperature).
     hidden_norms: optional [T] norms of the final hidden states, for ``head_grad_norm``.
     lengths: optional rollout lengths summing to T; errors then name the rollout and the
         token inside it, not only the row.
+    backend: "auto" reduces CUDA tensors with the Triton kernels on their GPU and everything
+        else with the native core (Rust, SIMD, all cores, GIL released); "cpu" or "triton"
+        force one (host input to "triton" is copied to the GPU; under TRITON_INTERPRET=1 it
+        runs through Triton's CPU interpreter instead).
 
-    Raises InvalidLogitsError (NaN, +inf or an all -inf row), InvalidTokenError (id out of
-    range, or a -inf logit: logits and ids shifted by one), ShapeError, ConfigError.
-    The native work runs without the GIL, in parallel over rows.
+    Results are NumPy float32 arrays on the host. Raises InvalidLogitsError (NaN, +inf or
+    an all -inf row), InvalidTokenError (id out of range, or a -inf logit: logits and ids
+    shifted by one), ShapeError, ConfigError, naming the first faulty row as the native
+    core does whichever backend ran.
     """
+    if uses_triton(logits, backend):
+        from . import _triton
+
+        return _triton.token_stats(logits, token_ids, temperature, hidden_norms, lengths)
     array, dtype = logits_buffer(logits)
     rows = array.shape[0]
     ids = vector(token_ids, np.int64, "token_ids", rows)
     norms = None if hidden_norms is None else vector(hidden_norms, np.float32, "hidden_norms", rows)
     spans = None if lengths is None else vector(lengths, np.int64, "lengths")
-    h, l, c, g, head = _native.token_stats(array, dtype, ids, real(temperature, "temperature"), norms, spans)
+    return native_stats(array, dtype, ids, real(temperature, "temperature"), norms, spans)
+
+
+def uses_triton(x: Any, backend: str) -> bool:
+    """Whether `backend` sends `x` to the Triton kernels."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return is_torch(x) and x.device.type == "cuda"
+    return backend == "triton"
+
+
+def head_grad_norm(grad_norm: np.ndarray, hidden_norms: np.ndarray) -> np.ndarray:
+    """G * ||h|| in float64, rounded once, as the native core forms it."""
+    return (grad_norm.astype(np.float64) * hidden_norms).astype(np.float32)
+
+
+def native_stats(
+    array: np.ndarray,
+    dtype: str,
+    ids: np.ndarray,
+    temperature: float,
+    norms: np.ndarray | None,
+    spans: np.ndarray | None,
+    first_row: int = 0,
+) -> TokenStats:
+    """The native core on checked arrays; `first_row` is the batch row of ``array[0]``."""
+    h, l, c, g, head = _native.token_stats(array, dtype, ids, temperature, norms, spans, None, first_row)
     return TokenStats(entropy=h, logprob=l, collision=c, grad_norm=g, head_grad_norm=head)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import corrpo
+from corrpo import wire
 from corrpo.v1 import reward_service_pb2 as pb
 
 from .auth import TokenAuth, read_tokens
@@ -28,7 +30,7 @@ from .service import SERVICE, RewardService
 class Options:
     host: str = "127.0.0.1"
     port: int = 50051
-    backend: str = "auto"
+    backend: str = "cpu"
     workers: int = 32
     max_message_bytes: int = 64 << 20
     max_concurrent_rpcs: int = 128
@@ -48,14 +50,36 @@ class StartupError(Exception):
 
 
 def backend(name: str) -> tuple[Reducer, str]:
-    """The logits reducer of a backend and the name the responses report."""
+    """The logits reducer of a backend and the name the responses report. ``auto`` is
+    triton where the kernels are installed and a CUDA device is visible, else cpu."""
+    if name == "auto":
+        name = "triton" if _cuda_kernels() else "cpu"
     if name == "triton":
-        raise StartupError("--backend triton: this build of corrpo has no Triton kernels yet; use --backend cpu")
+        from corrpo import _triton
+
+        try:
+            where = _triton.describe()
+        except corrpo.ConfigError as err:
+            raise StartupError(err.message) from None
+
+        def triton(logits: np.ndarray, token_ids: np.ndarray, temperature: float) -> corrpo.TokenStats:
+            return corrpo.token_stats(logits, token_ids, temperature=temperature, backend="triton")
+
+        return triton, f"triton/{where}"
 
     def cpu(logits: np.ndarray, token_ids: np.ndarray, temperature: float) -> corrpo.TokenStats:
-        return corrpo.token_stats(logits, token_ids, temperature=temperature)
+        return corrpo.token_stats(logits, token_ids, temperature=temperature, backend="cpu")
 
     return cpu, f"cpu/{corrpo.simd_isa()}"
+
+
+def _cuda_kernels() -> bool:
+    # torch is imported only where the kernels are installed: a CPU-only server stays light.
+    if importlib.util.find_spec("corrpo_kernels") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _credentials(options: Options) -> grpc.ServerCredentials | None:
@@ -74,9 +98,12 @@ def _credentials(options: Options) -> grpc.ServerCredentials | None:
 
 
 def _warm_up(reduce: Reducer) -> None:
-    # Loads the native extension and starts its thread pool before the first real request.
+    # Loads the native extension, starts its thread pool and compiles the Triton kernel for
+    # every wire dtype before the first real request.
     rng = np.random.default_rng(0)
-    stats = reduce(rng.standard_normal((64, 1024), dtype=np.float32), rng.integers(0, 1024, 64), 1.0)
+    logits = rng.standard_normal((64, 1024), dtype=np.float32)
+    for dtype in wire.LOGITS:
+        stats = reduce(logits.astype(wire.element(dtype)), rng.integers(0, 1024, 64), 1.0)
     corrpo.score(stats.entropy, stats.grad_norm, [32, 32], [2])
 
 

@@ -24,7 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--host", default=defaults.host, help="address to listen on (0.0.0.0 or :: for every interface)")
     run.add_argument("--port", type=int, default=defaults.port, help="port; 0 picks a free one (see --port-file)")
-    run.add_argument("--backend", choices=("auto", "cpu", "triton"), default=defaults.backend, help="what reduces logits")
+    run.add_argument(
+        "--backend",
+        choices=("auto", "cpu", "triton"),
+        default=defaults.backend,
+        help="what reduces logits: the native core (cpu), the Triton kernels on the GPU (triton), or triton "
+        "when a CUDA device and corrpo-kernels are present (auto). The default leaves the GPU to the trainer",
+    )
     run.add_argument("--workers", type=int, default=defaults.workers, help="RPC handler threads")
     run.add_argument(
         "--max-message-mib", type=float, default=defaults.max_message_bytes / _MIB, help="largest message, in MiB"

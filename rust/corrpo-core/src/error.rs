@@ -86,6 +86,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// Moves a row-level error by `rows`: for a slice of a batch that starts at that row.
+    pub fn offset(self, rows: usize) -> Error {
+        match self {
+            Error::Logits { at, fault } => Error::Logits { at: Location::row(at.row + rows), fault },
+            Error::Token { at, fault } => Error::Token { at: Location::row(at.row + rows), fault },
+            other => other,
+        }
+    }
+
     /// Adds the rollout and in-rollout token index to a row-level error.
     pub fn locate(self, lengths: &[usize]) -> Error {
         match self {

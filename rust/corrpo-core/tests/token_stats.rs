@@ -216,6 +216,17 @@ fn errors_locate_rollout_and_token() {
 }
 
 #[test]
+fn errors_of_a_slice_name_the_batch_row() {
+    // Rows 3..5 of a batch with rollouts [3, 2, 1]: the slice's row 1 is batch row 4.
+    let mut data = vec![0.0f32; 3 * 4];
+    data[4 + 2] = f32::NAN;
+    let err = run(&data, 4, &[0; 3], 1.0, Isa::detect()).unwrap_err().offset(3).locate(&[3, 2, 1]);
+    assert!(err.to_string().starts_with("logits at rollout 1, token 1 (row 4): vocabulary index 2 is NaN"), "{err}");
+    let err = run(&data[..4], 4, &[9], 1.0, Isa::detect()).unwrap_err().offset(5);
+    assert_eq!(err.to_string(), "token id at row 5: 9 is outside the vocabulary [0, 4)");
+}
+
+#[test]
 fn shape_errors() {
     let err = run(&[0.0f32; 8], 4, &[0], 1.0, Isa::detect()).unwrap_err();
     assert!(matches!(err, Error::Shape(ref m) if m.contains("1 token ids for 2 rows")), "{err:?}");

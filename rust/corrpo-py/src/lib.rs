@@ -61,9 +61,10 @@ fn logits_view<'a, T: numpy::Element, E: Element>(
 
 /// Entropy, logprob, collision, grad_norm and (with hidden norms) head_grad_norm per row.
 /// `dtype` says how to read `logits`: float32 as is, float16 and bfloat16 as their uint16
-/// bits.
+/// bits. `first_row` is the batch row of `logits[0]` when they are a slice of a batch:
+/// errors then name the batch row (and, with `lengths`, the batch's rollout).
 #[pyfunction]
-#[pyo3(signature = (logits, dtype, token_ids, temperature, hidden_norms=None, lengths=None, isa=None))]
+#[pyo3(signature = (logits, dtype, token_ids, temperature, hidden_norms=None, lengths=None, isa=None, first_row=0))]
 #[allow(clippy::too_many_arguments)]
 fn token_stats<'py>(
     py: Python<'py>,
@@ -74,6 +75,7 @@ fn token_stats<'py>(
     hidden_norms: Option<PyReadonlyArray1<'py, f32>>,
     lengths: Option<PyReadonlyArray1<'py, i64>>,
     isa: Option<&str>,
+    first_row: usize,
 ) -> PyResult<StatsArrays<'py>> {
     let options = StatsOptions { temperature, isa: isa.map(|name| parse::<Isa>(py, name)).transpose()? };
     let lengths = lengths.as_ref().map(|l| lengths_of(py, "lengths", l)).transpose()?;
@@ -101,6 +103,7 @@ fn token_stats<'py>(
         }
     };
     let stats = result.map_err(|e| {
+        let e = e.offset(first_row);
         let located = match lengths.as_deref() {
             Some(l) => e.locate(l),
             None => e,
