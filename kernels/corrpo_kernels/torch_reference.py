@@ -1,6 +1,7 @@
 """The same statistics in plain torch, as the peers of the kernels: what a trainer writes
 without them (log_softmax + entropy + gather + sum p^2). Materializes [T, V] float32
-log-probabilities and probabilities; the benchmark's eager and torch.compile baseline."""
+log-probabilities and probabilities; the benchmarks' eager and torch.compile baseline.
+Like the usual composition it assumes finite logits: a -inf entry makes the entropy NaN."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 
 def token_stats(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """[4, T] float32: entropy, logprob, collision, grad_norm (no input checks)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    z = logits.float() if temperature == 1.0 else logits.float() / temperature
+    logp = torch.log_softmax(z, dim=-1)
     p = logp.exp()
-    entropy = torch.special.entr(p).sum(-1)  # -p log p, 0 where p = 0 (masked vocabulary)
+    entropy = -(p * logp).sum(-1)
     logprob = logp.gather(-1, token_ids[:, None].long()).squeeze(-1)
     collision = (p * p).sum(-1)
     grad_norm = (1.0 - 2.0 * logprob.exp() + collision).clamp_min(0.0).sqrt()
