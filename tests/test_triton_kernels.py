@@ -354,7 +354,12 @@ def test_from_hidden_checks_its_inputs():
         corrpo.token_stats_from_hidden(h.numpy(), w, [0, 1, 2])
     with pytest.raises(corrpo.ShapeError, match="3 entries, expected"):
         corrpo.token_stats_from_hidden(torch.zeros(4, 4), w, [0, 1, 2])
+    h64, w64 = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     for backend in ("cpu", "triton"):
+        want = corrpo.token_stats_from_hidden(h64.float(), w64.float(), [0, 1, 2], backend=backend)
+        got = corrpo.token_stats_from_hidden(h64, w64, [0, 1, 2], backend=backend)
+        np.testing.assert_array_equal(got.entropy, want.entropy)
+        np.testing.assert_array_equal(got.head_grad_norm, want.head_grad_norm)
         with pytest.raises(corrpo.ConfigError, match="temperature"):
             corrpo.token_stats_from_hidden(h[:0], w, [], temperature=0.0, backend=backend)
         assert len(corrpo.token_stats_from_hidden(h[:0], w, [], backend=backend)) == 0

@@ -150,12 +150,10 @@ def token_stats(logits: Any, token_ids: Any, temperature: Any, hidden_norms: Any
 
 
 def token_stats_from_hidden(hidden: Any, weight: Any, token_ids: Any, temperature: Any, lengths: Any) -> TokenStats:
-    """`hidden` and `weight`: checked torch tensors of one dtype on one device."""
+    """`hidden` and `weight`: checked torch tensors of one half or float32 dtype on one device."""
     torch, kernels, interpret = _modules()
     where = device(torch, hidden.device, interpret)
     h, w = hidden.detach().to(where), weight.detach().to(where)
-    if h.dtype == torch.float64:
-        h, w = h.float(), w.float()
     rows = h.shape[0]
     ids = vector(token_ids, np.int64, "token_ids", rows)
     spans = None if lengths is None else vector(lengths, np.int64, "lengths")

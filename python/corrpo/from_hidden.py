@@ -29,7 +29,7 @@ def token_stats_from_hidden(
     = G * ||h||, the nuclear norm of each token's LM-head weight gradient (p - e_y) h^T.
 
     hidden: [T, d] final hidden states (after the last norm), torch float32, float16 or
-        bfloat16. lm_head_weight: [V, d], the same dtype and device (a slice such as
+        bfloat16 (float64 is read as float32). lm_head_weight: [V, d], the same dtype and device (a slice such as
         ``weight[:vocab]`` drops padded vocabulary rows without a copy).
     token_ids: [T] ids of the emitted tokens; temperature, lengths: as in token_stats.
     backend: "auto" runs CUDA tensors through the fused Triton kernel (vocabulary tiles,
@@ -40,14 +40,16 @@ def token_stats_from_hidden(
     Forward only: no gradient flows back to hidden or the weight.
     """
     rows, vocab = _check(hidden, lm_head_weight)
+    import torch
+
+    if hidden.dtype == torch.float64:  # as for logits: read as float32
+        hidden, lm_head_weight = hidden.detach().float(), lm_head_weight.detach().float()
     if uses_triton(hidden, backend):
         from . import _triton
 
         return _triton.token_stats_from_hidden(hidden, lm_head_weight, token_ids, temperature, lengths)
     if hidden.device.type != "cpu" or lm_head_weight.device.type != "cpu":
         raise ConfigError(f"backend 'cpu' reads CPU memory, but the tensors are on {hidden.device}; pass tensor.cpu()")
-    import torch
-
     ids = vector(token_ids, np.int64, "token_ids", rows)
     spans = None if lengths is None else vector(lengths, np.int64, "lengths")
     temperature = real(temperature, "temperature")
