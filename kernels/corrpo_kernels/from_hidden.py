@@ -66,11 +66,7 @@ def _partial_kernel(
     v_lo = split * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, vocab)
 
-    m = tl.full([BLOCK_T], online.LOWEST, tl.float32)
-    s0 = tl.zeros([BLOCK_T], tl.float32)
-    s1 = tl.zeros([BLOCK_T], tl.float32)
-    s2 = tl.zeros([BLOCK_T], tl.float32)
-    bad = tl.zeros([BLOCK_T], tl.int32)
+    m, s0, s1, s2, bad = online.start(BLOCK_T)
     z_y = tl.zeros([BLOCK_T], tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -106,11 +102,7 @@ def _merge_kernel(part_ptr, ids_ptr, stats_ptr, fault_ptr, n_rows, vocab, inv_ta
     row_ok = rows < n_rows
     y = tl.load(ids_ptr + rows, mask=row_ok, other=0)
     plane = splits * n_rows
-    m = tl.full([BLOCK_T], online.LOWEST, tl.float32)
-    s0 = tl.zeros([BLOCK_T], tl.float32)
-    s1 = tl.zeros([BLOCK_T], tl.float32)
-    s2 = tl.zeros([BLOCK_T], tl.float32)
-    bad = tl.zeros([BLOCK_T], tl.int32)
+    m, s0, s1, s2, bad = online.start(BLOCK_T)
     z_y = tl.zeros([BLOCK_T], tl.float32)
     for split in range(0, splits):
         at = part_ptr + split * n_rows + rows

@@ -35,11 +35,7 @@ def _token_stats_kernel(
     row_base = logits_ptr + rows.to(tl.int64) * row_stride
     y = tl.load(ids_ptr + rows, mask=row_ok, other=0)
 
-    m = tl.full([BLOCK_T], online.LOWEST, tl.float32)
-    s0 = tl.zeros([BLOCK_T], tl.float32)
-    s1 = tl.zeros([BLOCK_T], tl.float32)
-    s2 = tl.zeros([BLOCK_T], tl.float32)
-    bad = tl.zeros([BLOCK_T], tl.int32)
+    m, s0, s1, s2, bad = online.start(BLOCK_T)
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         inside = row_ok[:, None] & (cols[None, :] < vocab)

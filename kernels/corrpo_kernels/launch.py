@@ -8,10 +8,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import online
+
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Names of the fault codes of corrpo_kernels.online, by code.
-FAULTS = {0: "ok", 1: "non_finite", 2: "all_neg_inf", 3: "token_out_of_range", 4: "impossible_token"}
+FAULTS = {
+    code.value: name.lower()
+    for name, code in vars(online).items()
+    if name in ("OK", "NON_FINITE", "ALL_NEG_INF", "TOKEN_OUT_OF_RANGE", "IMPOSSIBLE_TOKEN")
+}
 
 
 class KernelStats(NamedTuple):

@@ -25,6 +25,13 @@ IMPOSSIBLE_TOKEN = tl.constexpr(4)
 
 
 @triton.jit
+def start(ROWS: tl.constexpr):
+    """Moments of no entries for ROWS rows: m, S0, S1, S2, and the non-finite flag."""
+    zero = tl.zeros([ROWS], tl.float32)
+    return tl.full([ROWS], LOWEST, tl.float32), zero, zero, zero, tl.zeros([ROWS], tl.int32)
+
+
+@triton.jit
 def rescale(m, s0, s1, s2, m_new, inv_tau):
     """Moments relative to m, re-expressed relative to m_new >= m."""
     d = (m_new - m) * inv_tau
