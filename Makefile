@@ -1,6 +1,7 @@
 # The two commands a newcomer needs:
-#   make demo   build corrpo and corrpo-server in .venv, start the reward server, score a
-#               synthetic group of rollouts through it with the gRPC client, stop the server
+#   make demo   build corrpo and corrpo-server in .venv, then a short CorR-PO training run
+#               (corrpo-train) against a reward server it starts, with a progress bar,
+#               ending with the summary table and the plot's path
 #   make test   build, then run every check: cargo fmt/clippy/test, proto stubs, pytest
 # Each installs what it needs itself (a venv under .venv, the native extension).
 
@@ -9,7 +10,7 @@ VENV   := .venv
 PY     := $(abspath $(VENV)/bin/python)
 export PYO3_PYTHON := $(PY)
 
-.PHONY: demo test native proto proto-check lint test-rust test-python bench bench-gpu clean
+.PHONY: demo test native proto proto-check lint test-rust test-python bench bench-gpu study clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,15 +21,22 @@ $(PY):
 native: $(PY)
 	$(PY) -m pip install -q --no-build-isolation -e '.[grpc]' -e ./server
 
-# The test, bench and proto extras of pyproject.toml and the Triton kernels (torch and
-# triton among them: a large first download). Without a GPU the tests run the kernels
-# through Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py).
-$(VENV)/.test-deps: pyproject.toml server/pyproject.toml kernels/pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto]' -e ./server -e ./kernels
+# The trainer's extra (torch among it: a large first download; pip's cache serves later runs).
+$(VENV)/.train-deps: pyproject.toml | $(PY)
+	$(PY) -m pip install -q --no-build-isolation -e '.[train]' -e ./server
 	touch $@
 
-demo: native
-	$(PY) examples/score_group.py
+# The test, bench, proto and train extras of pyproject.toml and the Triton kernels.
+# Without a GPU the tests run the kernels through Triton's CPU interpreter
+# (TRITON_INTERPRET=1, set by tests/conftest.py).
+$(VENV)/.test-deps: pyproject.toml server/pyproject.toml kernels/pyproject.toml | $(PY)
+	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto,train]' -e ./server -e ./kernels
+	touch $@
+
+DEMO_OUT ?= runs/demo
+demo: native $(VENV)/.train-deps
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/corrpo-train run --config configs/demo.toml --out $(DEMO_OUT)
 
 # The Python stubs of proto/corrpo/v1, generated into python/corrpo/v1 (checked in).
 PROTOC = $(PY) -m grpc_tools.protoc -Iproto
@@ -64,6 +72,11 @@ bench: native $(VENV)/.test-deps
 # eager and compiled, and Liger-Kernel (pip install liger-kernel to include it).
 bench-gpu: native $(VENV)/.test-deps
 	$(PY) bench/bench_gpu.py
+
+# The CPU study of docs/results.md (about 15 minutes on 2 cores).
+study: native $(VENV)/.train-deps
+	$(VENV)/bin/corrpo-train study --config configs/cpu.toml --seeds 0 1 2 \
+		--arms grpo corrpo corrpo-gated:method=corrpo,gate=correct --out runs/study-cpu
 
 clean:
 	rm -rf $(VENV) target python/corrpo/_native*.so

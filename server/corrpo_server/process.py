@@ -3,6 +3,7 @@ server for the length of a run."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -11,6 +12,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a child that gets SIGTERM when its parent dies, so that a killed trainer
+    or script never leaves its server behind. prctl is looked up here, in the parent,
+    so that the child only makes one system call before exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return arm
 
 
 class ServerProcess:
@@ -19,7 +40,8 @@ class ServerProcess:
         with ServerProcess() as server:
             client = RewardClient(server.target)
 
-    ``stop()`` sends SIGTERM (a graceful drain) and returns the exit code.
+    ``stop()`` sends SIGTERM (a graceful drain) and returns the exit code. On Linux the
+    server also gets SIGTERM when the process that started it dies, however it dies.
     """
 
     def __init__(
@@ -38,7 +60,11 @@ class ServerProcess:
             command += ["--port", "0"]
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [*command, *args], stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            [*command, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent(),
         )
         deadline = time.monotonic() + ready_timeout
         while not port_file.exists():

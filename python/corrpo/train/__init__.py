@@ -1,0 +1,8 @@
+"""The reference GRPO/CorR-PO trainer (``pip install 'corrpo[train]'``; the command is
+``corrpo-train``). A small transformer learns column addition with a scratchpad, first by
+SFT, then by RL whose rewards and advantages come from corrpo's reward server.
+
+Modules: ``task`` (problems, tokenizer, verifier), ``model`` (the transformer, KV-cache
+sampling), ``loss`` (PPO-clipped surrogate, KL), ``loop`` (SFT and RL steps), ``dist``
+(torchrun/DDP), ``state`` (metrics, checkpoints), ``report`` (tables, plots), ``cli``.
+"""

@@ -1,0 +1,261 @@
+"""``corrpo-train``: the reference GRPO/CorR-PO trainer.
+
+    corrpo-train run   --config configs/cpu.toml --method corrpo --seed 0 --out runs/corrpo-s0
+    corrpo-train study --config configs/cpu.toml --seeds 0 1 2 --out runs/study
+    corrpo-train plot  runs/corrpo-s0 [runs/study ...]
+
+``run`` trains one model (under ``torchrun --nproc_per_node=N`` as well); ``study`` runs
+GRPO and CorR-PO (or any arms of settings) for several seeds from a shared SFT model per
+seed, then tables and plots them; ``plot`` redraws the figures of finished runs or studies. Every setting of
+``TrainConfig`` is a flag (``--rl-steps 50``) and a key of the TOML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from . import config as configuration
+from .config import METHODS, TrainConfig
+
+
+def _local_server(out: Path) -> Any:
+    try:
+        from corrpo_server.process import ServerProcess
+    except ImportError:
+        raise SystemExit(
+            "corrpo-train starts a local corrpo-server unless --server host:port is given, "
+            "and corrpo-server is not installed: pip install ./server (from the corrpo repository)"
+        ) from None
+    return ServerProcess(log=out / "server.log")
+
+
+def _client(target: str) -> Any:
+    from corrpo.client import RewardClient
+
+    client = RewardClient(target)
+    try:
+        status = client.health(timeout=10.0)
+    except Exception as err:  # grpc.RpcError and friends: say what was tried
+        client.close()
+        raise SystemExit(f"no corrpo-server answers at {target}: {err}") from None
+    if status != "SERVING":
+        client.close()
+        raise SystemExit(f"the corrpo-server at {target} reports {status}")
+    return client
+
+
+def _serve(stack: ExitStack, cfg: TrainConfig, out: Path) -> str:
+    """The server's target: the configured one, or a local server for the length of ``stack``."""
+    if cfg.server:
+        return cfg.server
+    out.mkdir(parents=True, exist_ok=True)
+    server = stack.enter_context(_local_server(out))
+    print(f"corrpo-server started for this run on {server.target} (log: {server.log_path})", file=sys.stderr)
+    return server.target
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = configuration.load(args.config, configuration.overrides(args))
+    if cfg.threads:  # the native core's pool too, before its first use
+        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.threads))
+    from . import dist, report
+    from .loop import Trainer
+
+    world = dist.init(cfg.device)
+    out = Path(args.out)
+    try:
+        with ExitStack() as stack:
+            client = None
+            if world.is_root:
+                client = stack.enter_context(_client(_serve(stack, cfg, out)))
+            trainer = Trainer(cfg, out, world, init_from=args.init_from, progress=not args.no_progress)
+            records = trainer.run(client)
+        if world.is_root:
+            summary = {"config": cfg.to_dict(), "world_size": world.size, "device": str(world.device), **report.summarize(records)}
+            from .state import write_json
+
+            write_json(out / "config.json", cfg.to_dict())
+            write_json(out / "summary.json", summary)
+            plot = report.plot_run(records, out / "training.png", f"{cfg.method}, seed {cfg.seed}, model {cfg.model}")
+            report.print_summary(summary, f"corrpo-train: {cfg.method}, seed {cfg.seed}")
+            print(f"metrics: {out / 'metrics.jsonl'}\nsummary: {out / 'summary.json'}\nplot:    {plot}")
+    finally:
+        dist.shutdown()
+    return 0
+
+
+def parse_arm(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:setting=value,...`` (an arm named after a method trains with it)."""
+    name, _, rest = spec.partition(":")
+    kinds = {f.name: type(f.default) for f in fields(TrainConfig)}
+    settings: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in kinds:
+            raise ValueError(f"arm {spec!r}: {item!r} is not setting=value with a known setting")
+        settings[key] = kinds[key](value)
+    if "method" not in settings:
+        if name not in METHODS:
+            raise ValueError(f"arm {spec!r} needs method=... (its name is not one of {list(METHODS)})")
+        settings["method"] = name
+    if not name or name == "sft" or "/" in name:
+        raise ValueError(f"arm {spec!r}: the name must be a plain directory name other than 'sft'")
+    return name, settings
+
+
+def _toml(cfg: TrainConfig) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_dict().items())
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """SFT once per seed, then each method from that SFT model, in parallel subprocesses."""
+    cfg = configuration.load(args.config, configuration.overrides(args))
+    from tqdm.auto import tqdm
+
+    from . import report
+    from .state import write_json
+
+    arms = dict(parse_arm(a) for a in args.arms)
+    for settings in arms.values():
+        cfg.replace(**settings)  # refuses bad values before anything runs
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = args.jobs
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        target = _serve(stack, cfg, root)
+        base = cfg.replace(server=target, threads=threads)
+        (root / "config.toml").write_text(_toml(base))
+        # Steps of each run, after the lines it starts with (a method run copies its SFT's).
+        runs: dict[Path, tuple[int, int]] = {}
+        for seed in args.seeds:
+            runs[root / f"seed{seed}" / "sft"] = (0, cfg.sft_steps)
+            for arm in arms:
+                runs[root / f"seed{seed}" / arm] = (cfg.sft_steps, cfg.rl_steps)
+
+        def launch(out: Path, *flags: str) -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "corrpo.train", "run", "--config", str(root / "config.toml"), "--out", str(out), "--no-progress", *flags]
+            env = {**os.environ, "RAYON_NUM_THREADS": str(threads)}
+            with open(out / "run.log", "w") as log:
+                done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            if done.returncode:
+                raise RuntimeError(f"{out} failed with exit code {done.returncode}:\n{(out / 'run.log').read_text()[-3000:]}")
+
+        def seed_runs(seed: int) -> None:
+            sft = root / f"seed{seed}" / "sft"
+            launch(sft, "--seed", str(seed), "--rl-steps", "0")
+            with ThreadPoolExecutor(len(arms)) as pool:
+                for f in [
+                    pool.submit(launch, root / f"seed{seed}" / arm, "--seed", str(seed), "--init-from", str(sft), *_flags(settings))
+                    for arm, settings in arms.items()
+                ]:
+                    f.result()
+
+        bar = tqdm(total=sum(n for _, n in runs.values()), desc="corrpo-train study", unit="step", dynamic_ncols=True)
+        with ThreadPoolExecutor(jobs) as pool:
+            futures: list[Future[None]] = [pool.submit(seed_runs, s) for s in args.seeds]
+            while not all(f.done() for f in futures):
+                time.sleep(1.0)
+                bar.n = sum(min(n, max(0, _lines(out / "metrics.jsonl") - skip)) for out, (skip, n) in runs.items())
+                bar.refresh()
+            for f in futures:
+                f.result()
+        bar.n = bar.total
+        bar.close()
+    study = report.load_study(root)
+    rows, table = report.study_table(study)
+    minutes = (time.perf_counter() - started) / 60
+    write_json(root / "study.json", {"config": base.to_dict(), "arms": arms, "seeds": args.seeds, "minutes": minutes, "results": rows})
+    (root / "results.md").write_text(table)
+    title = f"{' vs '.join(arms)}: {cfg.model} model, {cfg.digits}-digit addition, {len(args.seeds)} seeds"
+    plot = report.plot_study(study, root / "study.png", title)
+    print(table)
+    print(f"study: {root / 'study.json'}\ntable: {root / 'results.md'}\nplot:  {plot}\ntime:  {minutes:.1f} min")
+    return 0
+
+
+def _flags(settings: dict[str, Any]) -> list[str]:
+    return [x for k, v in settings.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+def _lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from . import report
+    from .state import read_metrics
+
+    for path in map(Path, args.paths):
+        if (path / "metrics.jsonl").exists():
+            print(report.plot_run(read_metrics(path / "metrics.jsonl"), path / "training.png", path.name))
+        else:
+            study = report.load_study(path)
+            if not study:
+                raise SystemExit(f"{path} holds neither a run (metrics.jsonl) nor a study (seed*/<method>/metrics.jsonl)")
+            print(report.plot_study(study, path / "study.png", path.name))
+            print(report.study_table(study)[1])
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="corrpo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train one model: SFT, then GRPO or CorR-PO")
+    run.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
+    run.add_argument("--out", type=Path, required=True, help="output directory; a run there with a checkpoint is resumed")
+    run.add_argument("--init-from", type=Path, help="start RL from the SFT model of this run directory")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    configuration.add_flags(run)
+    run.set_defaults(handler=cmd_run)
+
+    study = sub.add_parser("study", help="GRPO vs CorR-PO over seeds, with table and plot")
+    study.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
+    study.add_argument("--out", type=Path, required=True)
+    study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    study.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(METHODS),
+        metavar="ARM",
+        help="what to compare: a method name, or NAME:setting=value,... such as corrpo-gated:method=corrpo,gate=correct "
+        "(default: grpo corrpo)",
+    )
+    study.add_argument("--jobs", type=int, default=2, help="seeds trained at once")
+    configuration.add_flags(study)
+    study.set_defaults(handler=cmd_study)
+
+    plot = sub.add_parser("plot", help="redraw the plots of runs or studies")
+    plot.add_argument("paths", nargs="+")
+    plot.set_defaults(handler=cmd_plot)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as err:  # settings and run-directory mismatches: a message, not a traceback
+        print(f"corrpo-train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Every setting of a training run: one dataclass, read from a TOML file and overridden by
+command-line flags (``--rl-steps 50`` sets ``rl_steps``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .model import SIZES
+from .task import TASKS
+
+METHODS = ("grpo", "corrpo")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A run. Comments name what each setting is; the TOML file uses the same names."""
+
+    # The task
+    task: str = "add"
+    digits: int = 4  # operand digits
+    data_seed: int = 0  # draws the held-out split (the same for every seed of a study)
+    eval_size: int = 256  # held-out problems
+    # The model
+    model: str = "small"  # tiny | small | base | large (see corrpo.train.model.SIZES)
+    # SFT warm start on written-out solutions
+    sft_steps: int = 300
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    # RL
+    rl_steps: int = 100
+    prompts_per_step: int = 16
+    group_size: int = 8
+    # A fresh Adam's first steps move every weight by about lr whatever its gradient's
+    # size, so RL needs a far smaller rate than the end of SFT (3e-4 undid SFT in a step).
+    rl_lr: float = 1e-5
+    temperature: float = 1.0  # sampling, and the policy whose statistics are scored
+    ppo_epochs: int = 1  # updates per batch of rollouts; > 1 makes the clip bite
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0  # k3 KL to the policy at the start of RL; 0 keeps no reference model
+    # CorR-PO (SPEC 5); grpo is the same loop with coef 0, still scored by the server
+    method: str = "corrpo"
+    coef: float = 0.1
+    gate: str = "none"  # none | correct
+    advantage: str = "grpo"  # grpo | drgrpo
+    min_tokens: int = 8
+    # Infrastructure
+    server: str = ""  # host:port of a corrpo-server; empty starts a local one for the run
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads per process; 0 leaves torch's default
+    eval_every: int = 25  # held-out accuracy every this many steps of each phase (and at the end)
+    checkpoint_every: int = 25
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.task in TASKS, f"task must be one of {sorted(TASKS)}, got {self.task!r}")
+        need(self.model in SIZES, f"model must be one of {sorted(SIZES)}, got {self.model!r}")
+        need(self.method in METHODS, f"method must be one of {list(METHODS)}, got {self.method!r}")
+        need(self.gate in ("none", "correct"), f"gate must be 'none' or 'correct', got {self.gate!r}")
+        need(self.advantage in ("grpo", "drgrpo"), f"advantage must be 'grpo' or 'drgrpo', got {self.advantage!r}")
+        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("sft_steps", "rl_steps", "threads", "kl_coef", "coef", "weight_decay"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("sft_batch", "prompts_per_step", "ppo_epochs", "eval_every", "checkpoint_every", "eval_size"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.group_size >= 2, f"group_size must be >= 2 (advantages compare rollouts of a prompt), got {self.group_size}")
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(0 < self.clip_eps < 1, f"clip_eps must be in (0, 1), got {self.clip_eps}")
+
+    @property
+    def score_coef(self) -> float:
+        """The coefficient sent to the server: GRPO is CorR-PO with coef 0."""
+        return self.coef if self.method == "corrpo" else 0.0
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def training_identity(self) -> dict[str, Any]:
+        """The settings that decide what is computed (a resumed run must match them)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("server", "threads", "eval_every", "checkpoint_every")}
+
+
+def load(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The config of ``path`` (TOML; its keys are TrainConfig's fields) with ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}; known are {sorted(known)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per setting, defaulting to None so that only given flags override the file."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        choices = {"task": sorted(TASKS), "model": sorted(SIZES), "method": list(METHODS)}.get(f.name)
+        parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices, help=f"(default {f.default!r})")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}

@@ -1,0 +1,238 @@
+"""Summaries, tables and plots of runs and studies."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .state import read_metrics
+
+COLORS = {"grpo": "#1f77b4", "corrpo": "#d62728", "corrpo-gated": "#ff7f0e", "sft": "#555555"}
+
+
+def _values(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r["global_step"], r[key]) for r in records if r.get(key) is not None]
+    if not pts:
+        return np.empty(0), np.empty(0)
+    x, y = zip(*pts)
+    return np.asarray(x, float), np.asarray(y, float)
+
+
+def _last(records: list[dict[str, Any]], key: str, phase: str | None = None) -> float | None:
+    for r in reversed(records):
+        if (phase is None or r["phase"] == phase) and r.get(key) is not None:
+            return float(r[key])
+    return None
+
+
+def _mean_over(records: list[dict[str, Any]], key: str, phase: str, last: int) -> float | None:
+    vals = [r[key] for r in records if r["phase"] == phase and r.get(key) is not None][-last:]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures a run is judged by."""
+    sft = [r for r in records if r["phase"] == "sft"]
+    return {
+        "sft_steps": len(sft),
+        "rl_steps": len(records) - len(sft),
+        "held_out_accuracy_after_sft": _last(records, "eval_accuracy", "sft"),
+        "held_out_accuracy": _last(records, "eval_accuracy"),
+        "rl_accuracy_last10": _mean_over(records, "accuracy", "rl", 10),
+        "rl_reward_reg_last10": _mean_over(records, "reward_reg_mean", "rl", 10),
+        "rho_pooled_sft_first": next((r["rho_pooled"] for r in sft if r.get("rho_pooled") is not None), None),
+        "rho_pooled_sft_last": _last(records, "rho_pooled", "sft"),
+        "rho_pooled_samples_sft_last": _last(records, "rho_pooled_samples", "sft"),
+        "rho_pooled_rl_last10": _mean_over(records, "rho_pooled", "rl", 10),
+        "entropy_mean_rl_last10": _mean_over(records, "entropy_mean", "rl", 10),
+        "elapsed_s": _last(records, "elapsed_s"),
+    }
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+SUMMARY_ROWS = (
+    ("held-out accuracy after SFT", "held_out_accuracy_after_sft"),
+    ("held-out accuracy at the end", "held_out_accuracy"),
+    ("RL rollout accuracy (last 10 steps)", "rl_accuracy_last10"),
+    ("pooled rho, first SFT step", "rho_pooled_sft_first"),
+    ("pooled rho, last SFT step (data)", "rho_pooled_sft_last"),
+    ("pooled rho, last SFT step (own samples)", "rho_pooled_samples_sft_last"),
+    ("pooled rho, RL (last 10 steps)", "rho_pooled_rl_last10"),
+    ("mean entropy, RL (last 10 steps, nats)", "entropy_mean_rl_last10"),
+    ("wall time (s)", "elapsed_s"),
+)
+
+
+def print_summary(summary: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for label, key in SUMMARY_ROWS:
+        table.add_row(label, _fmt(summary.get(key)))
+    Console().print(table)
+
+
+def _axes() -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), constrained_layout=True)
+    return fig, axes
+
+
+def _mark_phases(ax: Any, sft_steps: int) -> None:
+    if sft_steps:
+        ax.axvspan(0, sft_steps, color="#eeeeee", zorder=0)
+        ax.axvline(sft_steps, color="#999999", lw=0.8)
+
+
+def _smooth(y: np.ndarray, width: int) -> np.ndarray:
+    if len(y) < width or width <= 1:
+        return y
+    kernel = np.ones(width) / width
+    head = np.cumsum(y[: width - 1]) / np.arange(1, width)
+    return np.concatenate([head, np.convolve(y, kernel, mode="valid")])
+
+
+def plot_run(records: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Accuracy, reward and pooled rho over the SFT and RL steps of one run."""
+    fig, (acc, reward, rho) = _axes()
+    sft_steps = sum(1 for r in records if r["phase"] == "sft")
+    for ax in (acc, reward, rho):
+        _mark_phases(ax, sft_steps)
+        ax.set_xlabel("step (SFT shaded, then RL)")
+        ax.grid(alpha=0.3)
+    x, y = _values(records, "accuracy")
+    acc.plot(x, _smooth(y, 5), lw=1, alpha=0.6, label="own samples (train prompts)")
+    x, y = _values(records, "eval_accuracy")
+    acc.plot(x, y, "o-", label="held-out (greedy)")
+    acc.set_title("accuracy")
+    acc.set_ylim(-0.02, 1.02)
+    acc.legend(loc="lower right")
+    rl = [r for r in records if r["phase"] == "rl"]
+    for key, label in (("reward_mean", "verifier reward"), ("reward_reg_mean", "r - coef * rho (sent to advantages)")):
+        x, y = _values(rl, key)
+        reward.plot(x, _smooth(y, 5), label=label)
+    reward.set_title("RL reward (5-step mean)")
+    reward.legend(loc="lower right")
+    for key, label in (("rho_pooled", "training forward pass"), ("rho_pooled_samples", "own samples (SFT)")):
+        x, y = _values(records, key)
+        rho.plot(x, y, lw=1, label=label)
+    rho.axhline(0, color="black", lw=0.6)
+    rho.set_title("pooled Spearman rho(H, G)")
+    rho.set_ylim(-1.02, 1.02)
+    rho.legend(loc="lower left")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def load_study(root: Path) -> dict[str, dict[int, list[dict[str, Any]]]]:
+    """{arm: {seed: records}} of a study directory (``seed<N>/<arm>/metrics.jsonl``)."""
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for metrics in sorted(root.glob("seed*/*/metrics.jsonl")):
+        arm = metrics.parent.name
+        if arm == "sft":
+            continue
+        seed = int(metrics.parent.parent.name.removeprefix("seed"))
+        runs.setdefault(arm, {})[seed] = read_metrics(metrics)
+    return runs
+
+
+def _band(ax: Any, runs: dict[int, list[dict[str, Any]]], key: str, color: str, label: str, phase: str | None, smooth: int = 1) -> None:
+    series = []
+    for records in runs.values():
+        chosen = [r for r in records if phase is None or r["phase"] == phase]
+        series.append(_values(chosen, key))
+    if not series or not len(series[0][0]):
+        return
+    n = min(len(s[0]) for s in series)
+    x = series[0][0][:n]
+    ys = np.stack([_smooth(s[1][:n], smooth) for s in series])
+    ax.plot(x, ys.mean(axis=0), color=color, label=f"{label} (mean of {len(ys)})")
+    ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.18, lw=0)
+
+
+def plot_study(study: dict[str, dict[int, list[dict[str, Any]]]], path: Path, title: str) -> Path:
+    """Held-out accuracy, RL rollout accuracy and pooled rho per arm: mean over seeds, with the
+    band from the lowest to the highest seed."""
+    fig, (acc, reward, rho) = _axes()
+    any_runs = next(iter(next(iter(study.values())).values()))
+    sft_steps = sum(1 for r in any_runs if r["phase"] == "sft")
+    for ax in (acc, reward, rho):
+        _mark_phases(ax, sft_steps)
+        ax.set_xlabel("step (SFT shaded, then RL)")
+        ax.grid(alpha=0.3)
+    for arm, runs in study.items():
+        color = COLORS.get(arm, None)
+        _band(acc, runs, "eval_accuracy", color, arm, None)
+        _band(reward, runs, "accuracy", color, arm, "rl", smooth=9)
+        _band(rho, runs, "rho_pooled", color, arm, "rl")
+    first = next(iter(study.values()))
+    _band(rho, first, "rho_pooled", COLORS["sft"], "SFT, data", "sft")
+    _band(rho, first, "rho_pooled_samples", "#2ca02c", "SFT, own samples", "sft")
+    acc.set_title("held-out accuracy (greedy)")
+    acc.set_ylim(-0.02, 1.02)
+    reward.set_title("RL rollout accuracy (9-step mean)")
+    rho.set_title("pooled Spearman rho(H, G)")
+    rho.axhline(0, color="black", lw=0.6)
+    rho.set_ylim(-1.02, 1.02)
+    for ax in (acc, reward, rho):
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def study_table(study: dict[str, dict[int, list[dict[str, Any]]]]) -> tuple[list[dict[str, Any]], str]:
+    """Per arm: each seed's final held-out accuracy, their mean and spread, and the
+    rho figures; also as a Markdown table."""
+    rows = []
+    for arm, runs in study.items():
+        sums = {seed: summarize(records) for seed, records in sorted(runs.items())}
+        final = np.array([s["held_out_accuracy"] for s in sums.values()], float)
+        after_sft = np.array([s["held_out_accuracy_after_sft"] for s in sums.values()], float)
+        rows.append(
+            {
+                "arm": arm,
+                "seeds": list(sums),
+                "held_out_after_sft": after_sft.tolist(),
+                "held_out_final": final.tolist(),
+                "held_out_final_mean": float(final.mean()),
+                "held_out_final_std": float(final.std(ddof=1)) if len(final) > 1 else 0.0,
+                "gain_mean": float((final - after_sft).mean()),
+                "rho_pooled_rl_last10": [s["rho_pooled_rl_last10"] for s in sums.values()],
+                "entropy_mean_rl_last10": [s["entropy_mean_rl_last10"] for s in sums.values()],
+            }
+        )
+    lines = [
+        "| arm | held-out after SFT (per seed) | held-out at the end (per seed) | mean ± std | mean gain over SFT | pooled rho, last 10 RL steps (per seed) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['arm']} | {', '.join(_fmt(v) for v in row['held_out_after_sft'])} "
+            f"| {', '.join(_fmt(v) for v in row['held_out_final'])} "
+            f"| {row['held_out_final_mean']:.3f} ± {row['held_out_final_std']:.3f} "
+            f"| {row['gain_mean']:+.3f} | {', '.join(_fmt(v, 2) for v in row['rho_pooled_rl_last10'])} |"
+        )
+    return rows, "\n".join(lines) + "\n"

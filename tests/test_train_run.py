@@ -1,0 +1,203 @@
+"""corrpo-train end to end, as processes: runs against a real reward server process,
+determinism, a kill and resume, and a two-rank DDP run under torchrun (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from corrpo.train.state import read_metrics
+
+SFT, RL = 30, 40
+TINY = [
+    "--model", "tiny", "--digits", "2", "--eval-size", "64",
+    "--sft-steps", str(SFT), "--rl-steps", str(RL), "--sft-batch", "32",
+    "--prompts-per-step", "4", "--group-size", "4",
+    "--eval-every", "10", "--checkpoint-every", "4", "--threads", "1",
+]  # fmt: skip
+ENV = {**os.environ, "RAYON_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def command(out: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "corrpo.train", "run", "--out", str(out), "--no-progress", *TINY, *flags]
+
+
+def train(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(out, *flags), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def steady(records: list[dict]) -> list[dict]:
+    """The records without wall-clock times."""
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, server) -> Path:
+    out = tmp_path_factory.mktemp("train") / "corrpo"
+    train(out, "--server", server.target)
+    return out
+
+
+def test_run_writes_every_step_and_the_server_scored_each_rl_step(reference_run: Path, server) -> None:
+    records = read_metrics(reference_run / "metrics.jsonl")
+    assert [r["phase"] for r in records] == ["sft"] * SFT + ["rl"] * RL
+    assert [r["step"] for r in records] == list(range(1, SFT + 1)) + list(range(1, RL + 1))
+    assert [r["global_step"] for r in records] == list(range(1, SFT + RL + 1))
+    for r in records:
+        for key in ("phase", "step", "reward_mean", "accuracy", "rho_pooled", "loss"):
+            assert key in r
+        assert 0 <= r["accuracy"] <= 1 and r["loss"] is not None
+    rl = [r for r in records if r["phase"] == "rl"]
+    assert all(r["rho_pooled"] is not None and -1 <= r["rho_pooled"] <= 1 for r in rl)
+    # The server's figures and the verifier's agree: with gate "none",
+    # mean(r - coef * rho) = mean(r) - coef * (mean defined rho) * (fraction defined).
+    for r in rl:
+        expected = r["reward_mean"] - 0.1 * (r["rho_rollout_mean"] or 0.0) * r["rho_defined"]
+        assert r["reward_reg_mean"] == pytest.approx(expected, abs=1e-9)
+    assert any(r["rho_defined"] > 0 for r in rl)
+    # Every RL step went through the server as one Score request of P x G rollouts.
+    run_id = json.loads((reference_run / "config.json").read_text())  # written at the end
+    assert run_id["method"] == "corrpo"
+    scored = [e for e in server.events() if str(e.get("request_id", "")).startswith("corrpo-train/")]
+    steps = {int(e["request_id"].rsplit("/", 1)[1]) for e in scored if e["status"] == "OK"}
+    assert steps >= set(range(1, RL + 1))
+    assert all(e["rollouts"] == 16 for e in scored)
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["rl_steps"] == RL and summary["held_out_accuracy"] == records[-1]["eval_accuracy"]
+    assert (reference_run / "training.png").stat().st_size > 10_000
+
+
+def test_sft_loss_falls(reference_run: Path) -> None:
+    losses = [r["loss"] for r in read_metrics(reference_run / "metrics.jsonl") if r["phase"] == "sft"]
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
+
+
+def test_same_seed_same_metrics(reference_run: Path, server, tmp_path: Path) -> None:
+    train(tmp_path / "again", "--server", server.target)
+    assert steady(read_metrics(tmp_path / "again" / "metrics.jsonl")) == steady(read_metrics(reference_run / "metrics.jsonl"))
+    train(tmp_path / "other", "--server", server.target, "--seed", "1", "--rl-steps", "1")
+    first = read_metrics(tmp_path / "other" / "metrics.jsonl")[0]
+    assert first["loss"] != read_metrics(reference_run / "metrics.jsonl")[0]["loss"]
+
+
+def test_killed_run_resumes_where_it_stopped(reference_run: Path, tmp_path: Path) -> None:
+    """Killed (SIGKILL) in the middle of RL, then started again with the same command: it
+    picks up from the last checkpoint and ends with exactly the uninterrupted run's
+    metrics. This run starts its own local server, which must not outlive the kill."""
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command(out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= SFT + 10):
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    written = len(metrics.read_text().splitlines())
+    assert written < SFT + RL, "the run finished before it could be killed"
+    # The local server got SIGTERM when its parent died, drained and stopped.
+    deadline = time.monotonic() + 30
+    while '"stopped"' not in (out / "server.log").read_text():
+        assert time.monotonic() < deadline, "the run's local server outlived it"
+        time.sleep(0.05)
+
+    done = train(out)
+    assert "resuming" in done.stderr
+    assert steady(read_metrics(metrics)) == steady(read_metrics(reference_run / "metrics.jsonl"))
+    # A finished run resumed again has nothing left to do, and changes nothing.
+    train(out)
+    assert steady(read_metrics(metrics)) == steady(read_metrics(reference_run / "metrics.jsonl"))
+
+
+def test_changed_settings_do_not_resume(reference_run: Path, server) -> None:
+    done = subprocess.run(
+        command(reference_run, "--server", server.target, "--coef", "0.5"), env=ENV, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "holds a run with other settings (coef)" in done.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(["--group-size", "1"], "group_size must be >= 2"), (["--method", "ppo"], "invalid choice")])
+def test_bad_settings_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
+    done = subprocess.run(command(tmp_path / "bad", *flags), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_two_rank_ddp_run_matches_one_process(reference_run: Path, server, tmp_path: Path) -> None:
+    """torchrun --nproc_per_node=2 with gloo: each rank takes half of every batch, and
+    since losses are normalized by the global token count and the randomness is drawn
+    per prompt, the two ranks train the same model as one process does."""
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "corrpo.train"]
+    flags = ["run", "--out", str(out), "--no-progress", *TINY, "--server", server.target]
+    done = subprocess.run([*torchrun, *flags], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ddp = read_metrics(out / "metrics.jsonl")
+    single = read_metrics(reference_run / "metrics.jsonl")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    sft = [(a["loss"], b["loss"]) for a, b in zip(ddp, single) if a["phase"] == "sft"]
+    for a, b in sft:
+        assert a == pytest.approx(b, rel=1e-4)
+    # The same rollouts, so the same rewards, while float summation order keeps the
+    # parameters within rounding of each other.
+    rl = [(a, b) for a, b in zip(ddp, single) if a["phase"] == "rl"][:10]
+    for a, b in rl:
+        assert a["reward_mean"] == b["reward_mean"]
+        assert a["rho_pooled"] == pytest.approx(b["rho_pooled"], abs=1e-3)
+
+
+def test_study_compares_arms_from_one_sft_model_per_seed(server, tmp_path: Path) -> None:
+    root = tmp_path / "study"
+    flags = [*TINY, "--sft-steps", "12", "--rl-steps", "3", "--server", server.target]
+    done = subprocess.run(
+        [sys.executable, "-m", "corrpo.train", "study", "--out", str(root), "--seeds", "0", "1", "--jobs", "2",
+         "--arms", "grpo", "corrpo", "gated:method=corrpo,gate=correct", *flags],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    study = json.loads((root / "study.json").read_text())
+    assert [r["arm"] for r in study["results"]] == ["corrpo", "gated", "grpo"]
+    assert all(r["seeds"] == [0, 1] for r in study["results"])
+    assert study["arms"]["gated"] == {"method": "corrpo", "gate": "correct"}
+    for seed in (0, 1):
+        sft = read_metrics(root / f"seed{seed}" / "sft" / "metrics.jsonl")
+        runs = {arm: read_metrics(root / f"seed{seed}" / arm / "metrics.jsonl") for arm in ("grpo", "corrpo", "gated")}
+        for arm, records in runs.items():
+            assert records[:12] == sft and len(records) == 15
+            assert json.loads((root / f"seed{seed}" / arm / "config.json").read_text())["method"] == study["arms"][arm]["method"]
+        # The arms start from the same model and draw the same noise, so their first RL
+        # batch is the same rollouts: they differ in the regularizer alone.
+        first = [records[12] for records in runs.values()]
+        assert len({r["reward_mean"] for r in first}) == 1 and len({r["rho_pooled"] for r in first}) == 1
+        grpo, corrpo = runs["grpo"][12], runs["corrpo"][12]
+        assert grpo["reward_reg_mean"] == grpo["reward_mean"]
+        assert corrpo["reward_reg_mean"] == pytest.approx(corrpo["reward_mean"] - 0.1 * corrpo["rho_rollout_mean"] * corrpo["rho_defined"])
+        assert corrpo["reward_reg_mean"] != corrpo["reward_mean"]
+    assert (root / "study.png").stat().st_size > 10_000
+    assert "| grpo |" in (root / "results.md").read_text()
+    redraw = subprocess.run([sys.executable, "-m", "corrpo.train", "plot", str(root)], env=ENV, capture_output=True, text=True)
+    assert redraw.returncode == 0 and "study.png" in redraw.stdout
+
+
+def test_arm_specs() -> None:
+    from corrpo.train.cli import parse_arm
+
+    assert parse_arm("grpo") == ("grpo", {"method": "grpo"})
+    assert parse_arm("c2:method=corrpo,coef=0.2,gate=correct") == ("c2", {"method": "corrpo", "coef": 0.2, "gate": "correct"})
+    with pytest.raises(ValueError, match="needs method"):
+        parse_arm("mine:coef=0.2")
+    with pytest.raises(ValueError, match="not setting=value"):
+        parse_arm("corrpo:colour=red")
