@@ -67,8 +67,8 @@ def test_run_writes_every_step_and_the_server_scored_each_rl_step(reference_run:
         assert r["reward_reg_mean"] == pytest.approx(expected, abs=1e-9)
     assert any(r["rho_defined"] > 0 for r in rl)
     # Every RL step went through the server as one Score request of P x G rollouts.
-    run_id = json.loads((reference_run / "config.json").read_text())  # written at the end
-    assert run_id["method"] == "corrpo"
+    config = json.loads((reference_run / "config.json").read_text())  # written at the end
+    assert config["method"] == "corrpo"
     scored = [e for e in server.events() if str(e.get("request_id", "")).startswith("corrpo-train/")]
     steps = {int(e["request_id"].rsplit("/", 1)[1]) for e in scored if e["status"] == "OK"}
     assert steps >= set(range(1, RL + 1))

@@ -123,7 +123,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from . import report
-    from .state import write_json
+    from .state import MetricsLog, write_json
 
     arms = dict(parse_arm(a) for a in args.arms)
     for settings in arms.values():
@@ -168,7 +168,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             futures: list[Future[None]] = [pool.submit(seed_runs, s) for s in args.seeds]
             while not all(f.done() for f in futures):
                 time.sleep(1.0)
-                bar.n = sum(min(n, max(0, _lines(out / "metrics.jsonl") - skip)) for out, (skip, n) in runs.items())
+                bar.n = sum(min(n, max(0, MetricsLog(out / "metrics.jsonl").lines() - skip)) for out, (skip, n) in runs.items())
                 bar.refresh()
             for f in futures:
                 f.result()
@@ -188,14 +188,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def _flags(settings: dict[str, Any]) -> list[str]:
     return [x for k, v in settings.items() for x in ("--" + k.replace("_", "-"), str(v))]
-
-
-def _lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -83,20 +83,36 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     Console().print(table)
 
 
-def _axes() -> tuple[Any, Any]:
+def _panels(records: list[dict[str, Any]], titles: tuple[str, str, str]) -> tuple[Any, Any]:
+    """The three panels (accuracy, reward, pooled rho) over the steps of ``records``, with
+    the SFT steps shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), constrained_layout=True)
+    sft_steps = sum(1 for r in records if r["phase"] == "sft")
+    for ax, title in zip(axes, titles):
+        if sft_steps:
+            ax.axvspan(0, sft_steps, color="#eeeeee", zorder=0)
+            ax.axvline(sft_steps, color="#999999", lw=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("step (SFT shaded, then RL)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[2].set_ylim(-1.02, 1.02)
+    axes[2].axhline(0, color="black", lw=0.6)
     return fig, axes
 
 
-def _mark_phases(ax: Any, sft_steps: int) -> None:
-    if sft_steps:
-        ax.axvspan(0, sft_steps, color="#eeeeee", zorder=0)
-        ax.axvline(sft_steps, color="#999999", lw=0.8)
+def _save(fig: Any, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _smooth(y: np.ndarray, width: int) -> np.ndarray:
@@ -109,38 +125,22 @@ def _smooth(y: np.ndarray, width: int) -> np.ndarray:
 
 def plot_run(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Accuracy, reward and pooled rho over the SFT and RL steps of one run."""
-    fig, (acc, reward, rho) = _axes()
-    sft_steps = sum(1 for r in records if r["phase"] == "sft")
-    for ax in (acc, reward, rho):
-        _mark_phases(ax, sft_steps)
-        ax.set_xlabel("step (SFT shaded, then RL)")
-        ax.grid(alpha=0.3)
+    fig, (acc, reward, rho) = _panels(records, ("accuracy", "RL reward (5-step mean)", "pooled Spearman rho(H, G)"))
     x, y = _values(records, "accuracy")
     acc.plot(x, _smooth(y, 5), lw=1, alpha=0.6, label="own samples (train prompts)")
     x, y = _values(records, "eval_accuracy")
     acc.plot(x, y, "o-", label="held-out (greedy)")
-    acc.set_title("accuracy")
-    acc.set_ylim(-0.02, 1.02)
     acc.legend(loc="lower right")
     rl = [r for r in records if r["phase"] == "rl"]
     for key, label in (("reward_mean", "verifier reward"), ("reward_reg_mean", "r - coef * rho (sent to advantages)")):
         x, y = _values(rl, key)
         reward.plot(x, _smooth(y, 5), label=label)
-    reward.set_title("RL reward (5-step mean)")
     reward.legend(loc="lower right")
     for key, label in (("rho_pooled", "training forward pass"), ("rho_pooled_samples", "own samples (SFT)")):
         x, y = _values(records, key)
         rho.plot(x, y, lw=1, label=label)
-    rho.axhline(0, color="black", lw=0.6)
-    rho.set_title("pooled Spearman rho(H, G)")
-    rho.set_ylim(-1.02, 1.02)
     rho.legend(loc="lower left")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def load_study(root: Path) -> dict[str, dict[int, list[dict[str, Any]]]]:
@@ -172,35 +172,19 @@ def _band(ax: Any, runs: dict[int, list[dict[str, Any]]], key: str, color: str, 
 def plot_study(study: dict[str, dict[int, list[dict[str, Any]]]], path: Path, title: str) -> Path:
     """Held-out accuracy, RL rollout accuracy and pooled rho per arm: mean over seeds, with the
     band from the lowest to the highest seed."""
-    fig, (acc, reward, rho) = _axes()
-    any_runs = next(iter(next(iter(study.values())).values()))
-    sft_steps = sum(1 for r in any_runs if r["phase"] == "sft")
-    for ax in (acc, reward, rho):
-        _mark_phases(ax, sft_steps)
-        ax.set_xlabel("step (SFT shaded, then RL)")
-        ax.grid(alpha=0.3)
+    first = next(iter(study.values()))
+    titles = ("held-out accuracy (greedy)", "RL rollout accuracy (9-step mean)", "pooled Spearman rho(H, G)")
+    fig, (acc, reward, rho) = _panels(next(iter(first.values())), titles)
     for arm, runs in study.items():
         color = COLORS.get(arm, None)
         _band(acc, runs, "eval_accuracy", color, arm, None)
         _band(reward, runs, "accuracy", color, arm, "rl", smooth=9)
         _band(rho, runs, "rho_pooled", color, arm, "rl")
-    first = next(iter(study.values()))
     _band(rho, first, "rho_pooled", COLORS["sft"], "SFT, data", "sft")
     _band(rho, first, "rho_pooled_samples", "#2ca02c", "SFT, own samples", "sft")
-    acc.set_title("held-out accuracy (greedy)")
-    acc.set_ylim(-0.02, 1.02)
-    reward.set_title("RL rollout accuracy (9-step mean)")
-    rho.set_title("pooled Spearman rho(H, G)")
-    rho.axhline(0, color="black", lw=0.6)
-    rho.set_ylim(-1.02, 1.02)
     for ax in (acc, reward, rho):
         ax.legend(loc="best", fontsize=8)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def study_table(study: dict[str, dict[int, list[dict[str, Any]]]]) -> tuple[list[dict[str, Any]], str]:
