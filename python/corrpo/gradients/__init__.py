@@ -1,0 +1,15 @@
+"""The paper's gradient strength: per-token parameter-space gradients (SPEC 3).
+
+    from corrpo.gradients import token_strengths
+    out = token_strengths(model, input_ids)        # any Hugging Face causal LM
+    out.entropy_bits, out.l1_mean, out.nuclear_qkvo
+
+Needs torch and transformers (``pip install 'corrpo[gradients]'``); ``import corrpo`` does
+not import this package.
+"""
+
+from .architecture import ArchitectureError
+from .result import ESTIMATORS, MEASURES, OBJECTIVES, TokenStrengths
+from .strengths import token_strengths
+
+__all__ = ["ESTIMATORS", "MEASURES", "OBJECTIVES", "ArchitectureError", "TokenStrengths", "token_strengths"]

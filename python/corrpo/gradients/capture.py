@@ -1,0 +1,111 @@
+"""Forward hooks that record what the measures need, and the model state they need.
+
+While a ``Capture`` is open the model's parameters are frozen (restored on exit): the
+measures differentiate with respect to module *outputs* and rebuild parameter gradients
+per seed, so autograd never accumulates a ``.grad`` and never spends work on one. The
+input embeddings are made to require grad instead, so a graph exists even then.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .architecture import Architecture, ArchitectureError, is_conv1d
+from .handlers import Call, GenericHandler, Handler, LinearHandler
+
+
+def _detach(value: object) -> object:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+class Capture:
+    """Hooks on every module of the chosen blocks that owns parameters, on the LM head's
+    input, and on the input embeddings."""
+
+    def __init__(self, model: nn.Module, arch: Architecture, blocks: list[int]) -> None:
+        self.model = model
+        self.arch = arch
+        self.handlers: list[Handler] = []
+        for b in blocks:
+            block = arch.blocks[b]
+            parts: dict[str, list] = {}
+            for part in arch.layout.parts:
+                parts.setdefault(part.module, []).append(part.rows)
+            for name, module in block.named_modules():
+                if not any(True for _ in module.parameters(recurse=False)):
+                    continue
+                linear = isinstance(module, nn.Linear) or is_conv1d(module)
+                kind = LinearHandler if linear else GenericHandler
+                self.handlers.append(kind(module=module, block=b, parts=parts.get(name, [])))
+        self.head_input: torch.Tensor | None = None
+        self.recording = True
+        self._hooks: list = []
+        self._frozen: list[tuple[nn.Parameter, bool]] = []
+        forward = getattr(model, "forward", None)
+        self.keeps_logits = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+    def __enter__(self) -> Capture:
+        self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._frozen:
+            p.requires_grad_(False)
+        for handler in self.handlers:
+            self._hooks.append(handler.module.register_forward_hook(self._recorder(handler), with_kwargs=True))
+        self._hooks.append(self.arch.head.register_forward_pre_hook(self._head_hook))
+        embed = self.model.get_input_embeddings()
+        self._hooks.append(embed.register_forward_hook(self._embed_hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        self.reset()
+
+    def reset(self) -> None:
+        for handler in self.handlers:
+            handler.calls.clear()
+        self.head_input = None
+
+    def _recorder(self, handler: Handler):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if not self.recording:
+                return
+            if not isinstance(output, torch.Tensor):
+                raise ArchitectureError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor")
+            handler.calls.append(
+                Call(tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()}, output)
+            )
+
+        return hook
+
+    def _head_hook(self, module: nn.Module, args: tuple) -> None:
+        if self.recording:
+            self.head_input = args[0]
+
+    def _embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.recording and torch.is_grad_enabled() and not output.requires_grad:
+            output.requires_grad_()
+        return output
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [call.output for handler in self.handlers for call in handler.calls]
+
+    def forward(self, ids: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of ``ids`` [1, P]; returns the LM head's input at the rows ``keep``
+        (all rows when None) [1, m, d] in the graph, and the model's logits there [m, V]."""
+        self.reset()
+        kwargs = {"use_cache": False}
+        if keep is not None and self.keeps_logits:
+            kwargs["logits_to_keep"] = keep
+        logits = self.model(input_ids=ids, **kwargs).logits
+        h = self.head_input
+        if h is None:
+            raise ArchitectureError(f"{type(self.model).__name__}: its LM head was not called in the forward")
+        if keep is not None and h.shape[1] != len(keep):
+            h, logits = h[:, keep], logits[:, keep]
+        return h, logits[0]
