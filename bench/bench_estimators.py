@@ -40,6 +40,7 @@ CANDIDATES = [
     ("subsample k=8", "subsample", 8, "l1_mean"),
     ("jvp k=8", "jvp", 8, "frobenius"),
     ("jvp k=32", "jvp", 32, "frobenius"),
+    ("jvp Cauchy k=32", "jvp", 32, "l1_mean"),
     ("last_block l1", "last_block", None, "l1_mean"),
     ("last_block nuclear", "last_block", None, "nuclear_qkvo"),
     ("logit_grad", "logit_grad", None, "logit_grad"),
@@ -105,8 +106,7 @@ def main() -> None:
             idx, est_lengths = np.arange(len(ref)), lengths
         else:
             t0 = time.perf_counter()
-            scored = score_responses(model, responses, estimator=estimator, k=k, stride=stride,
-                                     measures=[measure] if measure in ("logit_grad", "head_logit_grad") else None)
+            scored = score_responses(model, responses, estimator=estimator, k=k, stride=stride, measures=[measure])
             seconds = time.perf_counter() - t0
             cols = scored.columns
             idx = np.array([key[(int(r), int(p))] for r, p in zip(cols["response"], cols["position"])])
@@ -129,9 +129,15 @@ def main() -> None:
             "rho_mean": float(np.nanmean(rho)) if both.any() else None,
         })
         print(json.dumps(rows[-1]), flush=True)
+    # A run with --only updates its candidates' rows and keeps the others'.
+    path = run / "estimators.json"
+    if args.only and path.exists():
+        fresh = {r["label"] for r in rows}
+        rows = [r for r in json.loads(path.read_text())["candidates"] if r["label"] not in fresh] + rows
+        rows.sort(key=lambda r: [c[0] for c in CANDIDATES].index(r["label"]))
     out = {"run": str(run), "model": loaded.name, "threads": args.threads, "forward_backward_seconds": fb,
            "exact_rho_mean": float(np.nanmean(ref_rho)), "candidates": rows}
-    (run / "estimators.json").write_text(json.dumps(out, indent=2))
+    path.write_text(json.dumps(out, indent=2))
     table = Table(title=f"estimators vs exact l1_mean on {loaded.name} ({len(ref)} tokens, {len(responses)} responses)")
     cols = ("candidate", "x fwd+bwd", "Spearman per token", "rho sign kept", "rho Spearman", "mean rho")
     for c in cols:

@@ -147,6 +147,11 @@ def main() -> None:
         t.add_column(col)
     t.add_row("plain loop: backward() + svdvals per token", f"{loop_s:.3f}", "1.0x", "")
     t.add_row("corrpo.gradients exact", f"{ours_s:.3f}", f"{loop_s / ours_s:.1f}x", f"{err:.1e}")
+    # nuclear_qkvo alone needs no per-seed weight gradient: QR and small SVDs only.
+    nuc, nuc_s = timed(lambda: token_strengths(model, ids, sample, measures=("nuclear_qkvo",), chunk_size=args.chunk_size))
+    nuc_s /= len(sample)
+    nuc_err = np.abs(nuc.nuclear_qkvo / ref[:, 1] - 1).max()
+    t.add_row("corrpo.gradients exact, nuclear_qkvo only", f"{nuc_s:.3f}", f"{loop_s / nuc_s:.1f}x", f"{nuc_err:.1e}")
     console.print(t)
 
     fb = forward_backward(model, ids, response)

@@ -19,7 +19,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 stats = pytest.importorskip("scipy.stats")
 
-import corrpo  # noqa: E402
 from corrpo.fingerprinting import read_tokens_csv  # noqa: E402
 
 MEASURES = ["l1_mean", "nuclear_qkvo", "frobenius", "logit_grad", "head_logit_grad"]

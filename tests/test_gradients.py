@@ -572,6 +572,26 @@ def test_jvp_is_unbiased_for_the_square(G):
     assert np.all(np.abs(ratio - 1) < 0.35), ratio
 
 
+def test_jvp_cauchy_estimate_of_l1_converges(G):
+    """Cauchy directions (1-stable): the median of |J v| over k directions estimates the L1
+    norm of the whole block gradient, so l1_mean (that over the number of blocks) converges
+    to the oracle's as k grows."""
+    ids = token_rows(23, 1, 10)[0]
+    model = tiny("llama")
+    exact = oracle_batch("llama", full_rows(ids[None]), "logit")["l1_mean"]
+
+    def rel_error(k: int, seed: int) -> tuple[np.ndarray, float]:
+        res = G.token_strengths(model, ids, estimator="jvp", k=k, seed=seed, measures=("l1_mean",))
+        assert res.frobenius is None and res.per_block == {}
+        return res.l1_mean, float(np.mean(np.abs(res.l1_mean - exact) / exact))
+
+    small = np.mean([rel_error(8, s)[1] for s in (0, 1, 2)])
+    big_l1, big = rel_error(1024, 0)
+    assert big < 0.12, big  # median of 1024 Cauchy draws: about 5% relative spread
+    assert small > 2 * big, (small, big)
+    assert scipy_stats.spearmanr(big_l1, exact).statistic > 0.8
+
+
 def test_jvp_with_logit_measures(G):
     ids = token_rows(17, 1, 7)[0]
     res = G.token_strengths(tiny("llama"), ids, estimator="jvp", k=8, measures=("frobenius", "head_logit_grad"))
@@ -681,8 +701,8 @@ def test_unknown_architecture_names_what_was_looked_for(G):
         dict(estimator="hutchinson"),
         dict(measures=("l2",)),
         dict(measures=("l1_mean", "entropy")),
-        dict(estimator="jvp", measures=("l1_mean",)),
         dict(estimator="jvp", measures=("nuclear_qkvo",)),
+        dict(estimator="last_block", k=4),
         dict(estimator="logit_grad", measures=("frobenius",)),
         dict(chunk_size=0),
         dict(positions=[0, 2]),

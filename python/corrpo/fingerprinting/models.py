@@ -69,8 +69,6 @@ def load_model(
     initialised weights (seeded with ``seed``): the control that shows what an untrained
     network of the same shape gives.
     """
-    import torch
-
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"model path {str(p)!r} does not exist")

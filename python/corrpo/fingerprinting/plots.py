@@ -26,6 +26,13 @@ def _plt() -> Any:
     return plt
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.2f}"
 
@@ -72,10 +79,7 @@ def scatter(path: Path, columns: dict[str, np.ndarray], measures: tuple[str, ...
         ax.set_ylabel(LABELS.get(m, m), fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title} - Spearman rho(H, strength), pooled [95% CI over responses]; colour = response", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def per_block(path: Path, blocks: dict[str, Any], title: str) -> Path | None:
@@ -98,10 +102,7 @@ def per_block(path: Path, blocks: dict[str, Any], title: str) -> Path | None:
     ax.set_title(f"{title}\nSpearman rho(H, each block's term of the strength), pooled over tokens", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def proxies(path: Path, columns: dict[str, np.ndarray], proxy: dict[str, Any], title: str) -> Path | None:
@@ -120,10 +121,7 @@ def proxies(path: Path, columns: dict[str, np.ndarray], proxy: dict[str, Any], t
         ax.set_title(f"{m} vs {ref}: Spearman {_fmt(proxy['spearman_vs_reference'][m])}", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title} - how well each measure tracks {ref}; colour = entropy (bits)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def compare(path: Path, runs: list[dict[str, Any]]) -> Path:
@@ -164,10 +162,7 @@ def compare(path: Path, runs: list[dict[str, Any]]) -> Path:
     axes[0].set_ylabel("Spearman rho(H, strength) [95% CI]")
     axes[0].legend(fontsize=9)
     fig.suptitle("Entropy-gradient fingerprint by model and measure", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 __all__ = ["compare", "per_block", "proxies", "scatter"]

@@ -12,8 +12,11 @@ positions and lives in the dispatcher.)
   that term is the token's exact gradient; k and v also collect later tokens' gradients,
   so for them it is an approximation.
 - ``jvp_row``: forward-mode derivatives of every seed of the row at once along k random
-  Gaussian directions v over all block parameters: ``E[(J_t v)^2] = |J_t|_F^2``, so the
-  mean of k squares is an unbiased estimate of ``frobenius^2`` for every token.
+  directions v over all block parameters. Gaussian v: ``E[(J_t v)^2] = |J_t|_F^2``, so the
+  mean of k squares is an unbiased estimate of ``frobenius^2`` for every token. Cauchy v
+  (1-stable): ``J_t v`` is Cauchy with scale ``|J_t|_1``, so the median of k values of
+  ``|J_t v|`` estimates the L1 norm (Indyk's stable sketch), and ``l1_mean`` is it over
+  the number of blocks.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .capture import Capture
-from .handlers import LinearHandler
+from .handlers import LinearHandler, Needs
 from .seeds import row_stats, seed_values
 
 
@@ -73,7 +76,13 @@ def last_block_row(capture: Capture, ids: torch.Tensor, positions: torch.Tensor,
 
 
 def jvp_row(
-    capture: Capture, ids: torch.Tensor, positions: torch.Tensor, objective: str, k: int, generator: torch.Generator
+    capture: Capture,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    objective: str,
+    needs: Needs,
+    k: int,
+    generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     _, stats = _stats(capture, ids, positions, objective)
     capture.reset()
@@ -90,18 +99,27 @@ def jvp_row(
         logits = functional_call(model, p, (prefix,), kwargs, strict=False).logits[0]
         return seed_values(logits if len(logits) == len(rows) else logits[rows], targets, objective)
 
-    total = torch.zeros(len(positions), dtype=torch.float64, device=ids.device)
+    def directions(draw) -> torch.Tensor:
+        """[k, tokens]: the seeds' derivatives along k directions drawn by ``draw``."""
+        out = []
+        for _ in range(k):
+            tangents = {n: draw(p.shape).to(p.device, p.dtype) for n, p in params.items()}
+            out.append(jvp(seeds, (params,), (tangents,))[1].double())
+        return torch.stack(out)
+
+    result = _base(stats)
     # Forward-mode AD has no rule for the fused SDPA kernels; the math backend has one.
     capture.recording = False
     try:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            for _ in range(k):
-                tangents = {
-                    n: torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype)
-                    for n, p in params.items()
-                }
-                _, directional = jvp(seeds, (params,), (tangents,))
-                total += directional.double().square()
+            if needs.sq:
+                gauss = directions(lambda shape: torch.randn(shape, generator=generator))
+                result["sq"] = gauss.square().mean(dim=0)[:, None]
+            if needs.l1:
+                # Cauchy by inversion: tan(pi (u - 1/2)).
+                cauchy = directions(lambda shape: torch.tan(torch.pi * (torch.rand(shape, generator=generator) - 0.5)))
+                blocks = len(capture.arch.blocks)
+                result["l1"] = (cauchy.abs().median(dim=0).values / blocks)[:, None]
     finally:
         capture.recording = True
-    return {**_base(stats), "sq": (total / k)[:, None]}
+    return result

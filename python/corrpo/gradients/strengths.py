@@ -22,7 +22,7 @@ from .result import ESTIMATORS, LOGIT_MEASURES, MEASURES, OBJECTIVES, PARAMETER_
 PRODUCES = {
     "exact": PARAMETER_MEASURES,
     "subsample": PARAMETER_MEASURES,
-    "jvp": ("frobenius",),
+    "jvp": ("frobenius", "l1_mean"),
     "last_block": PARAMETER_MEASURES,
     "logit_grad": (),
 }
@@ -65,7 +65,8 @@ def token_strengths(
     measures: any of ``MEASURES``; None takes the estimator's defaults.
     estimator: "exact" (one backward per token, batched), "subsample" (exact on ``k``
         tokens per row drawn with ``seed``; only those are returned), "jvp" (``k`` random
-        forward-mode directions: an unbiased estimate of frobenius^2 for every token),
+        forward-mode directions for every token at once: Gaussian ones give an unbiased
+        estimate of frobenius^2, Cauchy ones a median estimate of l1_mean),
         "last_block" (the rank-1 terms of the top block from one truncated backward), or
         "logit_grad" (logits only).
     attention_mask: [B, L] 0/1 with each row's ones contiguous (left or right padding); a
@@ -115,7 +116,7 @@ def token_strengths(
                     out = exact_row(capture, row, local, objective, needs, len(arch.blocks), chunk_size, progress)
                 else:
                     if estimator == "jvp":
-                        out = jvp_row(capture, row, local, objective, k, generator)
+                        out = jvp_row(capture, row, local, objective, needs, k, generator)
                     elif estimator == "last_block":
                         out = last_block_row(capture, row, local, objective)
                     else:
@@ -228,18 +229,15 @@ def _assemble(
 
     values: dict[str, np.ndarray] = {}
     per_block: dict[str, np.ndarray] = {}
-    covered = len(blocks) if estimator != "jvp" else 1
-    if "l1_mean" in wanted:
-        per_block["l1_mean"] = cat("l1", covered)
-        values["l1_mean"] = per_block["l1_mean"].mean(axis=1) if pieces else np.zeros(0)
-    if "nuclear_qkvo" in wanted:
-        per_block["nuclear_qkvo"] = cat("nuclear", covered)
-        values["nuclear_qkvo"] = per_block["nuclear_qkvo"].mean(axis=1) if pieces else np.zeros(0)
-    if "frobenius" in wanted:
-        sq = cat("sq", covered)
-        values["frobenius"] = np.sqrt(sq.sum(axis=1)) if pieces else np.zeros(0)
+    # Per-block terms: [N, blocks covered]; the jvp estimates are of whole sums (one column).
+    width = 1 if estimator == "jvp" else len(blocks)
+    for measure, key in (("l1_mean", "l1"), ("nuclear_qkvo", "nuclear"), ("frobenius", "sq")):
+        if measure not in wanted:
+            continue
+        terms = cat(key, width)
+        values[measure] = np.sqrt(terms.sum(axis=1)) if measure == "frobenius" else terms.mean(axis=1)
         if estimator != "jvp":
-            per_block["frobenius"] = sq
+            per_block[measure] = terms
     if "logit_grad" in wanted or "head_logit_grad" in wanted:
         grad = cat("logit_grad")
         if "logit_grad" in wanted:
