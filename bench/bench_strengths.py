@@ -161,7 +161,8 @@ def main() -> None:
     runs = [
         ("exact", {}, "l1_mean, nuclear_qkvo"),
         ("subsample", {"k": args.k_subsample}, f"l1_mean, nuclear_qkvo on k={args.k_subsample}"),
-        ("jvp", {"k": args.k_jvp}, f"frobenius^2, k={args.k_jvp} directions"),
+        ("jvp", {"k": args.k_jvp}, f"frobenius^2, k={args.k_jvp} Gaussian directions"),
+        ("jvp", {"k": args.k_jvp, "measures": ("l1_mean",)}, f"l1_mean, k={args.k_jvp} Cauchy directions"),
         ("last_block", {}, "rank-1 terms of the top block"),
         ("logit_grad", {}, "G and G*|h|"),
     ]

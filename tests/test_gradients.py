@@ -100,10 +100,12 @@ def _config(name: str):
             bos_token_id=0, eos_token_id=0,
         )
         return cfg, tf.GPTNeoXForCausalLM
+    if name == "phi3":  # qkv_proj fused as [q, k, v] with 2 kv heads, gate_up_proj fused
+        return tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common), tf.Phi3ForCausalLM
     raise KeyError(name)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gpt2", "neox"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gpt2", "neox", "phi3"]
 
 _MODELS: dict[str, nn.Module] = {}
 
@@ -142,6 +144,17 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 def _qkvo(block: nn.Module) -> list[tuple[torch.Tensor, object]]:
     """(weight parameter, function taking its gradient to the q, k, v or o matrix)."""
+    if hasattr(block, "self_attn") and hasattr(block.self_attn, "qkv_proj"):  # Phi-3: rows [q | k | v]
+        a = block.self_attn
+        w = a.qkv_proj.weight
+        q = HEADS * (HIDDEN // HEADS)
+        kv = (w.shape[0] - q) // 2
+        return [
+            (w, lambda g: g[:q]),
+            (w, lambda g: g[q : q + kv]),
+            (w, lambda g: g[q + kv :]),
+            (a.o_proj.weight, lambda g: g),
+        ]
     if hasattr(block, "self_attn"):
         a = block.self_attn
         return [(getattr(a, n).weight, lambda g: g) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
