@@ -160,9 +160,13 @@ def compare(path: Path, runs: list[dict[str, Any]]) -> Path:
         ax.set_ylim(-1.05, 1.05)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("Spearman rho(H, strength) [95% CI]")
-    axes[0].legend(fontsize=9)
+    # Below the panels, so it never hides a bar.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(runs), 4), fontsize=9)
     fig.suptitle("Entropy-gradient fingerprint by model and measure", fontsize=11)
-    return _save(fig, path)
+    fig.tight_layout(rect=(0, 0.06 * ((len(runs) + 3) // 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 __all__ = ["compare", "per_block", "proxies", "scatter"]

@@ -22,12 +22,15 @@ positions and lives in the dispatcher.)
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .capture import Capture
 from .handlers import LinearHandler, Needs
 from .seeds import row_stats, seed_values
+
+#: Random tangents held at once by the jvp estimator, in elements (1 GiB of f32).
+TANGENT_ELEMENTS = 256 * 2**20
 
 
 def _stats(capture: Capture, ids: torch.Tensor, positions: torch.Tensor, objective: str):
@@ -99,13 +102,21 @@ def jvp_row(
         logits = functional_call(model, p, (prefix,), kwargs, strict=False).logits[0]
         return seed_values(logits if len(logits) == len(rows) else logits[rows], targets, objective)
 
+    # Directions go through vmap in groups: the primal forward is shared by a group, and
+    # the tangent work runs as batched matmuls. A group's tangents cost group x (block
+    # parameters) floats, held under TANGENT_ELEMENTS.
+    size = sum(p.numel() for p in params.values())
+    group = max(1, min(k, TANGENT_ELEMENTS // max(1, size)))
+    along = vmap(lambda tangents: jvp(seeds, (params,), (tangents,))[1])
+
     def directions(draw) -> torch.Tensor:
         """[k, tokens]: the seeds' derivatives along k directions drawn by ``draw``."""
         out = []
-        for _ in range(k):
-            tangents = {n: draw(p.shape).to(p.device, p.dtype) for n, p in params.items()}
-            out.append(jvp(seeds, (params,), (tangents,))[1].double())
-        return torch.stack(out)
+        for start in range(0, k, group):
+            n = min(group, k - start)
+            tangents = {name: draw((n, *p.shape)).to(p.device, p.dtype) for name, p in params.items()}
+            out.append(along(tangents).double())
+        return torch.cat(out)
 
     result = _base(stats)
     # Forward-mode AD has no rule for the fused SDPA kernels; the math backend has one.
