@@ -56,6 +56,8 @@ def exact_row(
     """Exact strengths of the tokens ``ids[positions]`` of one unpadded row ``ids`` [L]."""
     arch = capture.arch
     size = chunk_size or auto_chunk(capture, int(positions.max()) if len(positions) else 1)
+    # As many chunks as the size needs, evened out: each chunk pays one forward.
+    size = -(-len(positions) // -(-len(positions) // size))
     pieces: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(positions), size):
         chunk = positions[start : start + size]
