@@ -29,12 +29,11 @@ class Capture:
         self.model = model
         self.arch = arch
         self.handlers: list[Handler] = []
+        parts: dict[str, list] = {}  # module path in a block -> the q/k/v/o row sets it holds
+        for part in arch.layout.parts:
+            parts.setdefault(part.module, []).append(part.rows)
         for b in blocks:
-            block = arch.blocks[b]
-            parts: dict[str, list] = {}
-            for part in arch.layout.parts:
-                parts.setdefault(part.module, []).append(part.rows)
-            for name, module in block.named_modules():
+            for name, module in arch.blocks[b].named_modules():
                 if not any(True for _ in module.parameters(recurse=False)):
                     continue
                 linear = isinstance(module, nn.Linear) or is_conv1d(module)
@@ -95,17 +94,18 @@ class Capture:
     def outputs(self) -> list[torch.Tensor]:
         return [call.output for handler in self.handlers for call in handler.calls]
 
-    def forward(self, ids: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of ``ids`` [1, P]; returns the LM head's input at the rows ``keep``
-        (all rows when None) [1, m, d] in the graph, and the model's logits there [m, V]."""
+        [1, m, d] in the graph, and the model's logits there [m, V]. Models that take
+        ``logits_to_keep`` apply their head to those rows only."""
         self.reset()
         kwargs = {"use_cache": False}
-        if keep is not None and self.keeps_logits:
+        if self.keeps_logits:
             kwargs["logits_to_keep"] = keep
         logits = self.model(input_ids=ids, **kwargs).logits
         h = self.head_input
         if h is None:
             raise ArchitectureError(f"{type(self.model).__name__}: its LM head was not called in the forward")
-        if keep is not None and h.shape[1] != len(keep):
+        if h.shape[1] != len(keep):
             h, logits = h[:, keep], logits[:, keep]
         return h, logits[0]
