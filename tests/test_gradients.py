@@ -635,6 +635,43 @@ def test_last_block(G):
             assert pb.shape[0] == 14 and np.all(np.isfinite(pb)) and np.all(pb >= 0), m
 
 
+@pytest.mark.parametrize("objective", ["logit", "logprob"])
+def test_last_block_rank_one_terms(G, objective):
+    """last_block's values against plain autograd: one backward of the summed seeds; for
+    every nn.Linear W of the top block and token t, with j = t - 1, the row-j term of W's
+    gradient g_j a_j^T has L1 |g_j|_1 |a_j|_1 and nuclear and Frobenius norm |g_j| |a_j|."""
+    model = tiny("llama")
+    ids = token_rows(24, 1, 9)[0]
+    top = _blocks(model)[-1]
+    linears = {name: m for name, m in top.named_modules() if isinstance(m, nn.Linear)}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0].detach(), o)))
+             for n, m in linears.items()]
+    try:
+        logits = model(ids[None]).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    t = torch.arange(1, len(ids))
+    seeds = torch.stack([_seed(logits[j - 1], int(ids[j]), objective) for j in t.tolist()])
+    names = list(linears)
+    grads = torch.autograd.grad(seeds.sum(), [seen[n][1] for n in names])
+    l1 = np.zeros(len(t))
+    sq = np.zeros(len(t))
+    nuclear = np.zeros(len(t))
+    for n, g in zip(names, grads):
+        a, g = seen[n][0][0, t - 1], g[0, t - 1]
+        l1 += (g.abs().sum(1) * a.abs().sum(1)).numpy()
+        sq += (g.square().sum(1) * a.square().sum(1)).numpy()
+        if n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            nuclear += (g.norm(dim=1) * a.norm(dim=1)).numpy()
+    res = G.token_strengths(model, ids, estimator="last_block", objective=objective)
+    np.testing.assert_allclose(res.l1_mean, l1, rtol=RTOL)
+    np.testing.assert_allclose(res.nuclear_qkvo, nuclear, rtol=RTOL)
+    np.testing.assert_allclose(res.frobenius, np.sqrt(sq), rtol=RTOL)
+    assert res.block_names == (res.block_names[-1],) and res.per_block["l1_mean"].shape == (len(t), 1)
+
+
 def test_logit_grad_estimator(G):
     ids = token_rows(19, 2, 8)
     for family in ("gemma", "neox"):
