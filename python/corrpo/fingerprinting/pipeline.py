@@ -100,27 +100,19 @@ def check_settings(
     device: str,
     positions_stride: int,
     k: int | None,
+    chunk_size: int | None = None,
 ) -> None:
-    """Settings checked before anything slow happens (token_strengths checks them again,
-    and the combinations, when it runs)."""
-    from ..gradients import ESTIMATORS, MEASURES, OBJECTIVES
-    from .models import DTYPES
+    """Settings checked before anything slow happens: the measure's through
+    ``corrpo.gradients.check_settings``, then the tool's own."""
+    from ..gradients import check_settings as check_measure
+    from .models import DTYPES, resolve_device
 
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-    if estimator not in ESTIMATORS:
-        raise ConfigError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
-    unknown = [m for m in (measures or ()) if m not in MEASURES]
-    if unknown:
-        raise ConfigError(f"unknown measures {unknown}; known are {list(MEASURES)}")
+    check_measure(objective=objective, estimator=estimator, measures=measures, k=k, chunk_size=chunk_size)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
+    resolve_device(device)
     if positions_stride < 1:
         raise ConfigError(f"positions stride must be >= 1, got {positions_stride}")
-    if k is not None and k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
 
 
 def run(
@@ -165,7 +157,10 @@ def run(
         raise ConfigError(f"threads must be >= 0 (0 leaves torch's default), got {threads}")
     if bootstrap < 0:
         raise ConfigError(f"bootstrap resamples must be >= 0, got {bootstrap}")
-    check_settings(objective=objective, measures=measures, estimator=estimator, dtype=dtype, device=device, positions_stride=positions_stride, k=k)
+    check_settings(
+        objective=objective, measures=measures, estimator=estimator, dtype=dtype, device=device,
+        positions_stride=positions_stride, k=k, chunk_size=chunk_size,
+    )
     if threads:
         torch.set_num_threads(threads)
     if not progress:

@@ -10,6 +10,6 @@ not import this package.
 
 from .architecture import ArchitectureError
 from .result import ESTIMATORS, MEASURES, OBJECTIVES, TokenStrengths
-from .strengths import token_strengths
+from .strengths import check_settings, token_strengths
 
-__all__ = ["ESTIMATORS", "MEASURES", "OBJECTIVES", "ArchitectureError", "TokenStrengths", "token_strengths"]
+__all__ = ["ESTIMATORS", "MEASURES", "OBJECTIVES", "ArchitectureError", "TokenStrengths", "check_settings", "token_strengths"]

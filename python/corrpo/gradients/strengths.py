@@ -75,20 +75,7 @@ def token_strengths(
         about 1 GiB of backprops.
     progress: called with the number of tokens each time some are finished.
     """
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}", field="objective")
-    if estimator not in ESTIMATORS:
-        raise ConfigError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}", field="estimator")
-    wanted = _measures(measures, estimator)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size!r}", field="chunk_size")
-    if k is None:
-        k = DEFAULT_K.get(estimator, 0)
-    elif estimator not in DEFAULT_K:
-        raise ConfigError(f"k applies to the subsample and jvp estimators, not {estimator!r}", field="k")
-    elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k must be a positive integer, got {k!r}", field="k")
-
+    wanted, k = check_settings(objective=objective, estimator=estimator, measures=measures, k=k, chunk_size=chunk_size)
     arch = describe(model)
     device = next(model.parameters()).device
     ids, single = _ids(input_ids, device)
@@ -127,6 +114,32 @@ def token_strengths(
     finally:
         model.train(training)
     return _assemble(pieces, chosen, ids, objective, estimator, wanted, arch.block_names, blocks)
+
+
+def check_settings(
+    *,
+    objective: str = "logit",
+    estimator: str = "exact",
+    measures: Sequence[str] | None = None,
+    k: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[tuple[str, ...], int]:
+    """Checks ``token_strengths``' settings without a model (so a tool can fail before a
+    slow load); returns the measures and the k that will be used."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}", field="objective")
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}", field="estimator")
+    wanted = _measures(measures, estimator)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size!r}", field="chunk_size")
+    if k is None:
+        return wanted, DEFAULT_K.get(estimator, 0)
+    if estimator not in DEFAULT_K:
+        raise ConfigError(f"k applies to the subsample and jvp estimators, not {estimator!r}", field="k")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}", field="k")
+    return wanted, k
 
 
 def _measures(measures: Sequence[str] | None, estimator: str) -> tuple[str, ...]:
