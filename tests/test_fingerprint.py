@@ -20,15 +20,9 @@ pytest.importorskip("matplotlib")
 stats = pytest.importorskip("scipy.stats")
 
 from corrpo.fingerprinting import read_tokens_csv  # noqa: E402
+from tiny_models import TEXTS, build_tiny_model  # noqa: E402
 
 MEASURES = ["l1_mean", "nuclear_qkvo", "frobenius", "logit_grad", "head_logit_grad"]
-TEXTS = [
-    "the cat sat on the mat",
-    "two plus three is five",
-    "a dog ran in the park",
-    "one and one make two",
-    "what is four plus four ?",
-]
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,43 +33,6 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
-
-
-def build_tiny_model(path: Path) -> None:
-    """A 2-block random Llama (weights scaled up so that entropies and strengths vary) and a
-    WordLevel tokenizer trained on a few strings, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<s> {% endif %}"
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=1,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(10)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")

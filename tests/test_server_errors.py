@@ -145,6 +145,59 @@ UNARY_CASES = {
         INVALID,
         "groups[0].rollouts[0].top_k.vocab_size must be set",
     ),
+    "named measure without strength": (
+        request([stats_rollout()], config=pb.ScoreConfig(measure=pb.MEASURE_L1_MEAN)),
+        INVALID,
+        "groups[0].rollouts[0].stats.strength must be set: the l1_mean value of every token",
+    ),
+    "strength sent for logit_grad": (
+        request([stats_rollout(strength=t(np.ones(10), F32))]),
+        INVALID,
+        "groups[0].rollouts[0].stats.strength is for measures other than logit_grad",
+    ),
+    "negative strength": (
+        request([stats_rollout(strength=t([1.0] * 9 + [-1.0], F32))], config=pb.ScoreConfig(measure=pb.MEASURE_L1_MEAN)),
+        INVALID,
+        "groups[0].rollouts[0].stats.strength[9] is -1.0; it must be finite, >= 0",
+    ),
+    "logits with a parameter measure": (
+        request([logits_rollout(LOGITS, [0] * 6)], config=pb.ScoreConfig(measure=pb.MEASURE_NUCLEAR_QKVO)),
+        INVALID,
+        "config.measure: logits payloads give only the logit_grad measure",
+    ),
+    "top-k with the exact estimator": (
+        request([top_k_rollout()], config=pb.ScoreConfig(estimator=pb.ESTIMATOR_EXACT)),
+        INVALID,
+        "top-k payloads give logit_grad by the 'top_k' estimator, not 'exact'",
+    ),
+    "jvp cannot give nuclear": (
+        request(
+            [stats_rollout(strength=t(np.ones(10), F32))],
+            config=pb.ScoreConfig(measure=pb.MEASURE_NUCLEAR_QKVO, estimator=pb.ESTIMATOR_JVP),
+        ),
+        INVALID,
+        "estimator 'jvp' cannot give 'nuclear_qkvo'",
+    ),
+    "objective of logit_grad": (
+        request([stats_rollout()], config=pb.ScoreConfig(objective=pb.OBJECTIVE_LOGIT)),
+        INVALID,
+        "config.objective: objective applies to parameter-space measures",
+    ),
+    "k of the exact estimator": (
+        request([stats_rollout(strength=t(np.ones(10), F32))], config=pb.ScoreConfig(measure=pb.MEASURE_L1_MEAN, estimator_k=4)),
+        INVALID,
+        "config.estimator_k: estimator_k applies to the subsample and jvp estimators, not 'exact'",
+    ),
+    "unknown measure": (
+        request([stats_rollout()], config=pb.ScoreConfig(measure=42)),
+        INVALID,
+        "config.measure: unknown enum value 42",
+    ),
+    "tokens mixed with stats": (
+        request([stats_rollout(), pb.Rollout(reward=1.0, tokens=pb.TokensPayload(prompt_ids=t([1], I64), response_ids=t([2], I64)))]),
+        INVALID,
+        "tokens payloads cannot be mixed with other payload kinds",
+    ),
     "too many tokens": (
         request([stats_rollout(n=200_001)]),
         EXHAUSTED,

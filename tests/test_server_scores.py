@@ -65,7 +65,8 @@ def test_logits_reduced_locally_or_streamed_match_in_process(client, rng, send, 
         block_bytes=3000, **settings,
     )
     assert_scores(scores, *in_process(r.logits, r.token_ids, r.rewards, r.group_sizes, **settings), r.lengths)
-    assert scores.config == corrpo.ScoreConfig(**settings)
+    # The echo is the request's settings with what a logits payload gives filled in.
+    assert scores.config == corrpo.ScoreConfig(**settings, measure="logit_grad", estimator="exact")
     assert scores.backend == f"cpu/{corrpo.simd_isa()}"
     np.testing.assert_array_equal(scores.group_sizes, r.group_sizes)
 
@@ -263,3 +264,66 @@ def test_64_mib_stream_in_4_mib_blocks_matches_and_memory_stays_bounded(rng):
     assert_scores(scores, *in_process(rollout_logits, rollout_ids, rewards, [2, 2]), lengths)
     assert growth < 48, f"server peak RSS grew by {growth:.1f} MiB during a 64 MiB stream"
     assert growth_4x < 48, f"server peak RSS grew by {growth_4x:.1f} MiB during a 256 MiB stream"
+
+
+def test_stats_of_a_named_measure_against_scipy(client, rng):
+    """Stats that carry the paper's measure: rho per rollout is of (H, strength), the
+    comparison fingerprint of (H, G), and the settings are echoed as resolved."""
+    from scipy import stats as sps
+
+    lengths = [12, 9, 15, 10]
+    h = [rng.gamma(2.0, size=n).astype(np.float32) for n in lengths]
+    s = [rng.gamma(1.0, size=n) for n in lengths]
+    g = [rng.random(n).astype(np.float32) for n in lengths]
+    ids = [rng.integers(0, 5, n) for n in lengths]
+    scores = client.score(
+        entropy=h, strength=s, grad_norm=g, token_ids=ids, rewards=[1.0, 0.0, 1.0, 0.0], group_sizes=[2, 2],
+        measure="l1_mean", estimator="subsample", coef=0.5,
+    )
+    want_rho = [sps.spearmanr(a, b)[0] for a, b in zip(h, s)]
+    np.testing.assert_allclose(scores.rho, want_rho, rtol=1e-12)
+    np.testing.assert_allclose(scores.rewards, np.array([1.0, 0.0, 1.0, 0.0]) - 0.5 * np.array(want_rho), rtol=1e-12)
+    np.testing.assert_allclose(scores.grad_norm_mean, [x.mean() for x in s], rtol=1e-12)
+    pooled = sps.spearmanr(np.concatenate(h), np.concatenate(s))[0]
+    assert math.isclose(scores.fingerprint.rho_pooled, pooled, rel_tol=1e-9)
+    compare = scores.logit_grad
+    assert compare is not None
+    assert math.isclose(compare.rho_pooled, sps.spearmanr(np.concatenate(h), np.concatenate(g))[0], rel_tol=1e-9)
+    per_rollout = np.mean([sps.spearmanr(a, b)[0] for a, b in zip(h, g)])
+    assert math.isclose(compare.rho_rollout_mean, per_rollout, rel_tol=1e-9)
+    c = scores.config
+    assert (c.measure, c.estimator, c.objective, c.estimator_k, c.estimator_seed) == ("l1_mean", "subsample", "logit", 16, 0)
+    # Without grad_norm there is nothing to compare with.
+    alone = client.score(entropy=h, strength=s, group_sizes=[2, 2], measure="l1_mean")
+    assert alone.logit_grad is None and alone.config.estimator == "exact"
+    np.testing.assert_allclose(alone.rho, want_rho, rtol=1e-12)
+
+
+def test_a_client_that_names_no_measure_gets_logit_grad(client, server, rng):
+    """What a client built before measures existed sends (no measure, estimator, objective
+    in its config, grad_norm in its stats) is scored as before: rho(H, G), echoed as
+    logit_grad by the exact estimator, with no comparison fingerprint."""
+    r = make_rollouts(rng, [4, 4])
+    stats = [corrpo.token_stats(z, i) for z, i in zip(r.logits, r.token_ids)]
+    request = pb.ScoreRequest(request_id="old-client", config=pb.ScoreConfig(method=pb.METHOD_SPEARMAN, coef=0.2))
+    it = iter(zip(stats, r.rewards, r.token_ids))
+    for size in r.group_sizes:
+        group = request.groups.add()
+        for _ in range(size):
+            st, reward, ids = next(it)
+            payload = pb.TokenStatsPayload(
+                entropy=wire.encode(st.entropy), grad_norm=wire.encode(st.grad_norm), token_ids=wire.encode(np.asarray(ids, np.int64))
+            )
+            group.rollouts.add(reward=reward, stats=payload)
+    wire_config = request.config.SerializeToString()
+    assert all(request.config.HasField(f) is False for f in ("estimator_k", "estimator_seed"))
+    assert request.config.measure == request.config.estimator == request.config.objective == 0
+    with grpc.insecure_channel(server.target) as channel:
+        result = pb_grpc.RewardServiceStub(channel).Score(request).result
+    assert request.config.SerializeToString() == wire_config
+    assert result.config.measure == pb.MEASURE_LOGIT_GRAD and result.config.estimator == pb.ESTIMATOR_EXACT
+    assert result.config.objective == pb.OBJECTIVE_UNSPECIFIED
+    assert not result.HasField("logit_grad_fingerprint") and not result.HasField("weights_version")
+    got = wire.scores_from_proto(result)
+    want = in_process(r.logits, r.token_ids, r.rewards, r.group_sizes, coef=0.2)
+    assert_scores(got, *want, r.lengths)

@@ -210,6 +210,8 @@ def prepare(
     token_ids: Sequence[Any] | None = None,
     entropy: Sequence[Any] | None = None,
     grad_norm: Sequence[Any] | None = None,
+    strength: Sequence[Any] | None = None,
+    prompt_ids: Sequence[Any] | None = None,
     logprob: Sequence[Any] | None = None,
     top_logprobs: Sequence[Any] | None = None,
     top_token_ids: Sequence[Any] | None = None,
@@ -219,21 +221,31 @@ def prepare(
     send: str = "stats",
     block_bytes: int = 4 << 20,
     request_id: str | None = None,
+    weights_version: str | None = None,
     config: ScoreConfig,
 ) -> _Prepared:
     """Builds the request of ``RewardClient.score`` (see there)."""
-    kinds = [name for name, v in (("logits", logits), ("entropy", entropy), ("top_logprobs", top_logprobs)) if v is not None]
+    kinds = [
+        name
+        for name, v in (("logits", logits), ("entropy", entropy), ("top_logprobs", top_logprobs), ("prompt_ids", prompt_ids))
+        if v is not None
+    ]
     if len(kinds) != 1:
-        raise ValueError(f"give exactly one of logits, entropy (with grad_norm) or top_logprobs; got {kinds or 'none'}")
+        raise ValueError(
+            f"give exactly one of logits, entropy (with grad_norm or strength), top_logprobs, or prompt_ids (with "
+            f"token_ids, for a model-backed server); got {kinds or 'none'}"
+        )
+    if weights_version is not None and kinds[0] != "prompt_ids":
+        raise ValueError("weights_version applies to tokens payloads (prompt_ids and token_ids)")
     if send not in ("stats", "logits"):
         raise ValueError(f"send must be 'stats' or 'logits', got {send!r}")
     if send == "logits" and logits is None:
         raise ValueError("send='logits' needs logits")
     request_id = request_id or uuid.uuid4().hex
-    primary = _seq(logits if logits is not None else entropy if entropy is not None else top_logprobs, kinds[0])
+    primary = _seq({"logits": logits, "entropy": entropy, "top_logprobs": top_logprobs, "prompt_ids": prompt_ids}[kinds[0]], kinds[0])
     n = len(primary)
     ids = _seq(token_ids, "token_ids")
-    if kinds[0] in ("logits", "top_logprobs") and len(ids) != n:
+    if kinds[0] in ("logits", "top_logprobs", "prompt_ids") and len(ids) != n:
         raise ShapeError(f"token_ids must hold one array per rollout: {len(ids)} for {n} rollouts")
     sizes = _group_sizes(n, group_sizes)
     reward_list = None if rewards is None else [float(r) for r in vector(rewards, np.float64, "rewards")]
@@ -284,19 +296,30 @@ def prepare(
             rollouts.append(pb.Rollout(stats=payload))
     elif kinds[0] == "entropy":
         norms = _seq(grad_norm, "grad_norm")
+        values = _seq(strength, "strength")
         lps = _seq(logprob, "logprob")
-        if len(norms) != n or (lps and len(lps) != n) or (ids and len(ids) != n):
-            raise ShapeError("entropy, grad_norm (and logprob, token_ids when given) need one array per rollout each")
+        if not norms and not values:
+            raise ValueError("stats need grad_norm (the logit_grad measure) or strength (of the measure named in measure=)")
+        if any(len(x) not in (0, n) for x in (norms, values, lps, ids)):
+            raise ShapeError("entropy, grad_norm, strength, logprob and token_ids need one array per rollout each")
         for k in range(n):
-            payload = pb.TokenStatsPayload(
-                entropy=wire.encode(vector(primary[k], np.float32, "entropy")),
-                grad_norm=wire.encode(vector(norms[k], np.float32, "grad_norm")),
-            )
+            payload = pb.TokenStatsPayload(entropy=wire.encode(vector(primary[k], np.float32, "entropy")))
+            if norms:
+                payload.grad_norm.CopyFrom(wire.encode(vector(norms[k], np.float32, "grad_norm")))
+            if values:
+                payload.strength.CopyFrom(wire.encode(vector(values[k], np.float64, "strength")))
             if lps:
                 payload.logprob.CopyFrom(wire.encode(vector(lps[k], np.float32, "logprob")))
             if ids:
                 payload.token_ids.CopyFrom(_ids_tensor(vector(ids[k], np.int64, "token_ids")))
             rollouts.append(pb.Rollout(stats=payload))
+    elif kinds[0] == "prompt_ids":
+        for k in range(n):
+            payload = pb.TokensPayload(
+                prompt_ids=_ids_tensor(vector(primary[k], np.int64, f"prompt_ids[{k}]")),
+                response_ids=_ids_tensor(vector(ids[k], np.int64, f"token_ids[{k}]")),
+            )
+            rollouts.append(pb.Rollout(tokens=payload))
     else:
         tops = _seq(top_token_ids, "top_token_ids")
         lps = _seq(logprob, "logprob")
@@ -314,7 +337,7 @@ def prepare(
     if reward_list is not None:
         for rollout, reward in zip(rollouts, reward_list):
             rollout.reward = reward
-    request = pb.ScoreRequest(request_id=request_id, config=wire.config_to_proto(config))
+    request = pb.ScoreRequest(request_id=request_id, config=wire.config_to_proto(config), weights_version=weights_version)
     it = iter(rollouts)
     for size in sizes:
         request.groups.add().rollouts.extend(next(it) for _ in range(size))
@@ -328,7 +351,12 @@ _SCORE_DOC = """Scores rollouts through the server: rho per rollout, CorR-PO rew
           logits [T_i, V] (NumPy, ml_dtypes.bfloat16 or torch; CUDA tensors are reduced on
             their GPU by corrpo's Triton kernels) with token_ids [T_i];
           entropy and grad_norm [T_i] (optionally logprob and token_ids) from corrpo.token_stats;
-          top_logprobs [T_i, k] with top_token_ids, logprob, token_ids and vocab_size.
+            for another measure (measure="l1_mean", ...), entropy and strength [T_i] from
+            corrpo.gradients, and grad_norm too for the comparison figures of logit_grad;
+          top_logprobs [T_i, k] with top_token_ids, logprob, token_ids and vocab_size;
+          prompt_ids [P_i] with token_ids [T_i] (the response): a server started with
+            --model scores them with its own policy (default measure "l1_mean", the paper's,
+            by estimator "subsample"); weights_version: the weights the server must hold.
         rewards: per rollout (verifier), or None for verifier-free training.
         group_sizes: rollouts per group (a list, or one int for equal groups); default one group.
         send: with logits, "stats" reduces them here (about 12 bytes per token on the wire),
@@ -336,7 +364,8 @@ _SCORE_DOC = """Scores rollouts through the server: rho per rollout, CorR-PO rew
         request_id: the same id and request give the same answer; default a fresh UUID.
         timeout: seconds for this call (default: the client's).
         settings: method, min_tokens, temperature, coef, gate, threshold, advantage,
-            top_k_estimate (see corrpo.ScoreConfig)."""
+            top_k_estimate, measure, estimator, objective, estimator_k, estimator_seed
+            (see corrpo.ScoreConfig); the scores echo the values used."""
 
 
 class _Client:
@@ -421,6 +450,13 @@ class RewardClient(_Client):
 
     score.__doc__ = _SCORE_DOC
 
+    def reload_weights(self, path: str, weights_version: str, timeout: float | None = None) -> float:
+        """Loads new weights into a model-backed server (``path`` on the server's file
+        system); returns once they serve, with the seconds the load took."""
+        request = pb.ReloadWeightsRequest(path=str(path), weights_version=weights_version)
+        response = self._stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=self._spec.metadata)
+        return response.load_seconds
+
     def health(self, service: str = SERVICE, timeout: float = 5.0) -> str:
         """The server's health status for ``service``: SERVING, NOT_SERVING, ..."""
         response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -465,6 +501,13 @@ class AsyncRewardClient(_Client):
         raise AssertionError("unreachable")
 
     score.__doc__ = _SCORE_DOC
+
+    async def reload_weights(self, path: str, weights_version: str, timeout: float | None = None) -> float:
+        request = pb.ReloadWeightsRequest(path=str(path), weights_version=weights_version)
+        response = await self._stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=self._spec.metadata)
+        return response.load_seconds
+
+    reload_weights.__doc__ = RewardClient.reload_weights.__doc__
 
     async def health(self, service: str = SERVICE, timeout: float = 5.0) -> str:
         response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -11,6 +11,7 @@ import numpy as np
 from ._arrays import is_torch
 from .correlation import Fingerprint
 from .errors import ConfigError, ShapeError
+from .measures import ESTIMATORS, MEASURES, OBJECTIVES
 from .scoring import ScoreConfig, Scores, TopKBounds
 from .v1 import reward_service_pb2 as pb
 from .v1 import tensor_pb2
@@ -99,9 +100,20 @@ _ESTIMATES = {
     "concentrated_tail": pb.TOP_K_ESTIMATE_CONCENTRATED_TAIL,
     "uniform_tail": pb.TOP_K_ESTIMATE_UNIFORM_TAIL,
 }
-_ENUMS = {"method": _METHODS, "gate": _GATES, "advantage": _ADVANTAGES, "top_k_estimate": _ESTIMATES}
+_MEASURES = {name: pb.Measure.Value(f"MEASURE_{name.upper()}") for name in MEASURES}
+_ESTIMATORS = {name: pb.Estimator.Value("ESTIMATOR_TOP_K_BOUND" if name == "top_k" else f"ESTIMATOR_{name.upper()}") for name in ESTIMATORS}
+_OBJECTIVES = {name: pb.Objective.Value(f"OBJECTIVE_{name.upper()}") for name in OBJECTIVES}
+_ENUMS = {
+    "method": _METHODS,
+    "gate": _GATES,
+    "advantage": _ADVANTAGES,
+    "top_k_estimate": _ESTIMATES,
+    "measure": _MEASURES,
+    "estimator": _ESTIMATORS,
+    "objective": _OBJECTIVES,
+}
 _ENUM_NAMES = {name: {v: k for k, v in table.items()} for name, table in _ENUMS.items()}
-_OPTIONAL = ("min_tokens", "temperature", "coef", "threshold")
+_OPTIONAL = ("min_tokens", "temperature", "coef", "threshold", "estimator_k", "estimator_seed")
 _STATUS = {
     None: pb.RHO_STATUS_DEFINED,
     "too_few_tokens": pb.RHO_STATUS_TOO_FEW_TOKENS,
@@ -112,8 +124,8 @@ _REASON = {status: reason for reason, status in _STATUS.items()}
 
 
 def config_to_proto(config: ScoreConfig) -> pb.ScoreConfig:
-    fields = {name: table[getattr(config, name)] for name, table in _ENUMS.items()}
-    fields.update({name: getattr(config, name) for name in _OPTIONAL})
+    fields = {name: table[getattr(config, name)] for name, table in _ENUMS.items() if getattr(config, name) is not None}
+    fields.update({name: getattr(config, name) for name in _OPTIONAL if getattr(config, name) is not None})
     return pb.ScoreConfig(**fields)
 
 
@@ -185,7 +197,10 @@ def scores_to_proto(scores: Scores, request_id: str, backend: str) -> pb.ScoreRe
         config=config_to_proto(scores.config),
         fingerprint=_fingerprint_to_proto(scores.fingerprint),
         backend=backend,
+        weights_version=scores.weights_version,
     )
+    if scores.logit_grad is not None:
+        result.logit_grad_fingerprint.CopyFrom(_fingerprint_to_proto(scores.logit_grad))
     top_k = scores.top_k
     for group in scores.groups():
         out = result.groups.add()
@@ -237,4 +252,8 @@ def scores_from_proto(result: pb.ScoreResult) -> Scores:
         request_id=result.request_id,
         backend=result.backend,
         top_k=top_k,
+        logit_grad=_fingerprint_from_proto(result.logit_grad_fingerprint, config.method)
+        if result.HasField("logit_grad_fingerprint")
+        else None,
+        weights_version=result.weights_version if result.HasField("weights_version") else None,
     )

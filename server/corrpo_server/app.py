@@ -22,6 +22,7 @@ from corrpo.v1 import reward_service_pb2 as pb
 
 from .auth import TokenAuth, read_tokens
 from .batch import Limits, Reducer
+from .model import ModelLoadError, PolicyModel
 from .observe import Metrics, event
 from .service import SERVICE, RewardService
 
@@ -43,6 +44,10 @@ class Options:
     metrics_port: int | None = None
     grace_s: float = 30.0
     port_file: Path | None = None
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    weights_version: str = "initial"
 
 
 class StartupError(Exception):
@@ -121,6 +126,8 @@ def serve(options: Options) -> int:
     if options.auth_token_file is not None:
         interceptors.append(TokenAuth(read_tokens(options.auth_token_file), metrics))
     service = RewardService(reduce, backend_name, Limits(max_tokens=options.max_tokens), metrics)
+    if options.model is not None and not options.weights_version:
+        raise StartupError("--weights-version must not be empty")
     server = grpc.server(
         ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="corrpo-rpc"),
         handlers=[service.handler()],
@@ -136,8 +143,13 @@ def serve(options: Options) -> int:
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = ["", SERVICE]
-    for name in names:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def set_health(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in names:
+            health_servicer.set(name, status)
+
+    set_health(False)
     if options.reflection:
         reflection.enable_server_reflection(
             [pb.DESCRIPTOR.services_by_name["RewardService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME],
@@ -160,8 +172,20 @@ def serve(options: Options) -> int:
         http, _ = start_http_server(options.metrics_port, addr=options.host, registry=metrics.registry)
         metrics_port = http.server_port
     _warm_up(reduce)
-    for name in names:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if options.model is not None:
+        # Loaded while health says NOT_SERVING, so a probe sees a replica that is loading.
+        try:
+            service.model = PolicyModel(
+                options.model,
+                device=options.device,
+                dtype=options.dtype,
+                version=options.weights_version,
+                on_loading=lambda loading: set_health(not loading),
+            )
+        except ModelLoadError as err:
+            server.stop(0).wait()
+            raise StartupError(f"--model {options.model}: {err}") from None
+    set_health(True)
     if options.port_file is not None:
         tmp = options.port_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
@@ -177,6 +201,8 @@ def serve(options: Options) -> int:
         metrics_port=metrics_port,
         workers=options.workers,
         version=corrpo.__version__,
+        model=options.model,
+        weights_version=service.model.version if service.model else None,
     )
     while not stop.wait(0.5):
         pass

@@ -1,12 +1,14 @@
-"""Requests turned into one ragged batch of per-token entropy and grad_norm, checked field by
+"""Requests turned into one ragged batch of per-token entropy and strength, checked field by
 field: every error names the field path of what is wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 import corrpo
@@ -15,35 +17,63 @@ from corrpo.scoring import ScoreConfig, TopKBounds
 from corrpo.top_k import top_k_stats
 from corrpo.v1 import reward_service_pb2 as pb
 
-from .failure import invalid, too_large
+from .failure import Failure, invalid, too_large
 
 #: Reduces [T, V] logits and [T] ids to token statistics at a temperature.
 Reducer = Callable[[np.ndarray, np.ndarray, float], corrpo.TokenStats]
 
 
 @dataclass
-class Batch:
-    """Per-token statistics of every rollout of a request, concatenated in request order."""
+class ScoredTokens:
+    """What a model-backed server's model gives for the tokens payloads of a request: per
+    scored token H (nats), S of the measure and G (None when S is G), concatenated over
+    rollouts; scored tokens per rollout; and the weights version that scored them."""
 
     entropy: np.ndarray
-    grad_norm: np.ndarray
+    strength: np.ndarray
+    logit_grad: np.ndarray | None
+    token_ids: np.ndarray
+    lengths: np.ndarray
+    weights_version: str
+
+
+#: Scores every rollout's (prompt ids, response ids) with a model: the rollouts, the resolved
+#: config, each rollout's field path (for errors), and the liveness check of the request.
+TokenScorer = Callable[[list[tuple[np.ndarray, np.ndarray]], ScoreConfig, list[str], Callable[[], None]], ScoredTokens]
+
+
+@dataclass
+class Batch:
+    """Per-token statistics of every rollout of a request, concatenated in request order,
+    with the request's settings resolved for its payloads.
+
+    strength: S of ``config.measure``; logit_grad: G where it differs from S and is known
+    for every token, else None."""
+
+    entropy: np.ndarray
+    strength: np.ndarray
     token_ids: np.ndarray | None
     lengths: np.ndarray
     group_sizes: np.ndarray
     rewards: np.ndarray | None
+    config: ScoreConfig
     top_k: TopKBounds | None = None
+    logit_grad: np.ndarray | None = None
+    weights_version: str | None = None
 
-    def score(self, config: ScoreConfig) -> corrpo.Scores:
-        return corrpo.score(
+    def score(self) -> corrpo.Scores:
+        scores = corrpo.score(
             self.entropy,
-            self.grad_norm,
+            self.strength,
             self.lengths,
             self.group_sizes,
             rewards=self.rewards,
             token_ids=self.token_ids,
-            config=config,
+            config=self.config,
             top_k=self.top_k,
+            logit_grad=self.logit_grad,
         )
+        return dataclasses.replace(scores, weights_version=self.weights_version)
 
 
 @dataclass
@@ -86,18 +116,34 @@ def layout_rewards(rewards: Sequence[float | None], paths: Sequence[str]) -> np.
 @dataclass
 class _Rollout:
     entropy: np.ndarray
-    grad_norm: np.ndarray
+    strength: np.ndarray
     token_ids: np.ndarray | None
     bounds: tuple[float, float, float, float] | None = None
+    logit_grad: np.ndarray | None = None
 
 
-def _stats(payload: pb.TokenStatsPayload, path: str) -> _Rollout:
+def _per_token(payload: pb.TokenStatsPayload, name: str, path: str, n: int) -> np.ndarray:
+    values = wire.decode(getattr(payload, name), f"{path}.{name}", wire.FLOATS, 1)
+    if len(values) != n:
+        raise invalid(f"{path}.{name} has {len(values)} tokens, but {path}.entropy has {n}")
+    _finite(values, f"{path}.{name}")
+    return values
+
+
+def _stats(payload: pb.TokenStatsPayload, path: str, measure: str) -> _Rollout:
     h = wire.decode(payload.entropy, f"{path}.entropy", wire.FLOATS, 1)
-    g = wire.decode(payload.grad_norm, f"{path}.grad_norm", wire.FLOATS, 1)
-    if len(g) != len(h):
-        raise invalid(f"{path}.grad_norm has {len(g)} tokens, but {path}.entropy has {len(h)}")
     _finite(h, f"{path}.entropy")
-    _finite(g, f"{path}.grad_norm")
+    g = _per_token(payload, "grad_norm", path, len(h)) if payload.HasField("grad_norm") else None
+    if measure == "logit_grad":
+        if payload.HasField("strength"):
+            raise invalid(f"{path}.strength is for measures other than logit_grad, whose values travel in grad_norm")
+        if g is None:
+            raise invalid(f"{path}.grad_norm must be set: it carries the logit_grad values (config.measure)")
+        s = g
+    else:
+        if not payload.HasField("strength"):
+            raise invalid(f"{path}.strength must be set: the {measure} value of every token (config.measure)")
+        s = _per_token(payload, "strength", path, len(h))
     if payload.HasField("logprob"):
         lp = wire.decode(payload.logprob, f"{path}.logprob", wire.FLOATS, 1)
         if len(lp) != len(h):
@@ -110,7 +156,7 @@ def _stats(payload: pb.TokenStatsPayload, path: str) -> _Rollout:
         ids = _ids(wire.decode(payload.token_ids, f"{path}.token_ids", wire.INTEGERS, 1), f"{path}.token_ids")
         if len(ids) != len(h):
             raise invalid(f"{path}.token_ids has {len(ids)} tokens, but {path}.entropy has {len(h)}")
-    return _Rollout(h, g, ids)
+    return _Rollout(h, s, ids, logit_grad=g)
 
 
 def _logits(payload: pb.LogitsPayload, path: str, config: ScoreConfig, reduce: Reducer) -> _Rollout:
@@ -161,16 +207,36 @@ def _groups(groups: Sequence[pb.Group] | Sequence[pb.GroupLayout], what: str) ->
             raise invalid(f"groups[{gi}].rollouts is empty: a group needs at least one rollout")
 
 
+def _resolved(config: ScoreConfig, kinds: set[str], path: str = "config") -> ScoreConfig:
+    try:
+        return config.resolve(kinds)
+    except corrpo.ConfigError as err:
+        raise invalid(f"{path}.{err.field}: {err.message}") from None
+
+
 def from_score_request(
     request: pb.ScoreRequest,
     config: ScoreConfig,
     limits: Limits,
     reduce: Reducer,
     alive: Callable[[], None],
+    score_tokens: TokenScorer | None = None,
 ) -> Batch:
     """The batch of a unary request. ``alive`` is called between rollouts and raises when
-    the client has gone or its deadline has passed, so abandoned work stops."""
+    the client has gone or its deadline has passed, so abandoned work stops.
+    ``score_tokens`` is the model of a model-backed server (None: tokens payloads are
+    refused)."""
     _groups(request.groups, "rollouts")
+    kinds: set[str] = set()
+    for gi, group in enumerate(request.groups):
+        for ri, rollout in enumerate(group.rollouts):
+            kind = rollout.WhichOneof("payload")
+            if kind is None:
+                raise invalid(f"groups[{gi}].rollouts[{ri}] has no payload: set stats, logits, top_k or tokens")
+            kinds.add(kind)
+    config = _resolved(config, kinds)
+    if "tokens" in kinds:
+        return _tokens_batch(request, config, limits, alive, score_tokens)
     out = _Collected()
     tokens = 0
     for gi, group in enumerate(request.groups):
@@ -180,23 +246,69 @@ def from_score_request(
             kind = rollout.WhichOneof("payload")
             alive()
             if kind == "stats":
-                item = _stats(rollout.stats, f"{path}.stats")
+                item = _stats(rollout.stats, f"{path}.stats", config.measure)
             elif kind == "logits":
                 item = _logits(rollout.logits, f"{path}.logits", config, reduce)
-            elif kind == "top_k":
-                item = _top_k(rollout.top_k, f"{path}.top_k", config)
             else:
-                raise invalid(f"{path} has no payload: set stats, logits or top_k")
+                item = _top_k(rollout.top_k, f"{path}.top_k", config)
             tokens += len(item.entropy)
             if tokens > limits.max_tokens:
                 raise too_large(f"the request holds more than {limits.max_tokens} tokens (the server's --max-tokens)")
             out.rollouts.append(item)
             out.rewards.append(rollout.reward if rollout.HasField("reward") else None)
             out.paths.append(path)
-    return _batch(out)
+    return _batch(out, config)
 
 
-def _batch(out: _Collected) -> Batch:
+def _tokens_batch(
+    request: pb.ScoreRequest,
+    config: ScoreConfig,
+    limits: Limits,
+    alive: Callable[[], None],
+    score_tokens: TokenScorer | None,
+) -> Batch:
+    if score_tokens is None:
+        raise Failure(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "tokens payloads need a model-backed server: this one was started without --model",
+        )
+    if config.temperature != 1.0:
+        raise invalid(f"config.temperature is {config.temperature}: tokens payloads are scored at temperature 1")
+    rollouts: list[tuple[np.ndarray, np.ndarray]] = []
+    rewards: list[float | None] = []
+    paths: list[str] = []
+    tokens = 0
+    for gi, group in enumerate(request.groups):
+        for ri, rollout in enumerate(group.rollouts):
+            path = f"groups[{gi}].rollouts[{ri}]"
+            payload = rollout.tokens
+            prompt = _ids(wire.decode(payload.prompt_ids, f"{path}.tokens.prompt_ids", wire.INTEGERS, 1), f"{path}.tokens.prompt_ids")
+            response = _ids(
+                wire.decode(payload.response_ids, f"{path}.tokens.response_ids", wire.INTEGERS, 1), f"{path}.tokens.response_ids"
+            )
+            if len(prompt) == 0:
+                raise invalid(f"{path}.tokens.prompt_ids is empty: the first response token needs a context (at least a BOS)")
+            tokens += len(prompt) + len(response)
+            if tokens > limits.max_tokens:
+                raise too_large(f"the request holds more than {limits.max_tokens} tokens (the server's --max-tokens)")
+            rollouts.append((prompt, response))
+            rewards.append(rollout.reward if rollout.HasField("reward") else None)
+            paths.append(path)
+    scored = score_tokens(rollouts, config, paths, alive)
+    return Batch(
+        entropy=scored.entropy,
+        strength=scored.strength,
+        token_ids=scored.token_ids,
+        lengths=scored.lengths,
+        group_sizes=np.array([len(g.rollouts) for g in request.groups], dtype=np.int64),
+        rewards=layout_rewards(rewards, paths),
+        config=config,
+        logit_grad=scored.logit_grad,
+        weights_version=scored.weights_version,
+    )
+
+
+def _batch(out: _Collected, config: ScoreConfig) -> Batch:
     items = out.rollouts
     lengths = np.array([len(r.entropy) for r in items], dtype=np.int64)
     ids = None
@@ -206,14 +318,19 @@ def _batch(out: _Collected) -> Batch:
     if any(r.bounds is not None for r in items):
         columns = np.array([r.bounds or (math.nan,) * 4 for r in items], dtype=np.float64).T
         top_k = TopKBounds(*columns)
+    logit_grad = None
+    if config.measure != "logit_grad" and all(r.logit_grad is not None for r in items):
+        logit_grad = np.concatenate([r.logit_grad for r in items], dtype=np.float64)
     return Batch(
         entropy=np.concatenate([r.entropy for r in items], dtype=np.float64),
-        grad_norm=np.concatenate([r.grad_norm for r in items], dtype=np.float64),
+        strength=np.concatenate([r.strength for r in items], dtype=np.float64),
         token_ids=ids,
         lengths=lengths,
         group_sizes=np.array(out.group_sizes, dtype=np.int64),
         rewards=layout_rewards(out.rewards, out.paths),
+        config=config,
         top_k=top_k,
+        logit_grad=logit_grad,
     )
 
 
@@ -244,7 +361,7 @@ class LogitsStream:
         self.vocab = int(header.vocab_size)
         self.element = wire.element(header.dtype)
         self.row_bytes = self.vocab * self.element.itemsize
-        self.config = config
+        self.config = _resolved(config, {"logits"}, "header.config")
         self.reduce = reduce
         self.entropy = np.empty(self.total, dtype=np.float32)
         self.grad_norm = np.empty(self.total, dtype=np.float32)
@@ -287,9 +404,10 @@ class LogitsStream:
             raise invalid(f"the stream ended after {self.filled} of the {self.total} rows its header declares")
         return Batch(
             entropy=self.entropy,
-            grad_norm=self.grad_norm,
+            strength=self.grad_norm,
             token_ids=self.token_ids,
             lengths=self.lengths,
             group_sizes=self.group_sizes,
             rewards=self.rewards,
+            config=self.config,
         )

@@ -50,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (0: any)")
     run.add_argument("--grace", type=float, default=defaults.grace_s, help="seconds in-flight requests get on shutdown")
     run.add_argument("--port-file", type=Path, help="write the bound ports and pid here once serving, as JSON")
+    model = run.add_argument_group(
+        "model-backed scoring",
+        "Hold the policy and score tokens payloads (prompt and response ids) with the paper's parameter-space "
+        "measure; needs corrpo[gradients] (torch, transformers)",
+    )
+    model.add_argument("--model", help="a Hugging Face directory, a .gguf file or a corrpo-train checkpoint (.pt)")
+    model.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"), help="where the model runs")
+    model.add_argument("--dtype", default=defaults.dtype, choices=("float32", "bfloat16", "float16"), help="the model's dtype")
+    model.add_argument(
+        "--weights-version", default=defaults.weights_version, help="the name of the weights --model loads (ReloadWeights names later ones)"
+    )
     run.add_argument("--log-level", default=os.environ.get("CORRPO_LOG_LEVEL", "info"), help="debug, info, warning")
     return parser
 
@@ -73,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         grace_s=args.grace,
         port_file=args.port_file,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        weights_version=args.weights_version,
     )
     try:
         return serve(options)

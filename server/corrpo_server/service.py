@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import grpc
@@ -11,7 +12,8 @@ from corrpo import wire
 from corrpo.v1 import reward_service_pb2 as pb
 
 from .batch import Limits, LogitsStream, Reducer, from_score_request
-from .failure import invalid
+from .failure import Failure, invalid
+from .model import PolicyModel, check_version
 from .observe import Metrics, alive_check, observed, settled
 
 SERVICE = "corrpo.v1.RewardService"
@@ -68,21 +70,42 @@ def _request_id(value: str, path: str) -> str:
 
 
 class RewardService:
-    def __init__(self, reduce: Reducer, backend: str, limits: Limits, metrics: Metrics) -> None:
+    def __init__(
+        self, reduce: Reducer, backend: str, limits: Limits, metrics: Metrics, model: PolicyModel | None = None
+    ) -> None:
         self.reduce = reduce
         self.backend = backend
         self.limits = limits
         self.metrics = metrics
+        self.model = model
 
     def score(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScoreResponse:
         with observed("Score", context, self.metrics) as record:
             request = _parse(pb.ScoreRequest, raw)
             record.request_id = _request_id(request.request_id, "request_id")
             config = wire.config_from_proto(request.config)
-            batch = from_score_request(request, config, self.limits, self.reduce, alive_check(context))
+            score_tokens = None
+            if self.model is not None:
+                expected = check_version(request.weights_version, "weights_version") if request.HasField("weights_version") else None
+                score_tokens = functools.partial(self.model.score, expected_version=expected)
+            batch = from_score_request(request, config, self.limits, self.reduce, alive_check(context), score_tokens)
             record.rollouts, record.tokens = len(batch.lengths), len(batch.entropy)
-            scores = batch.score(config)
-            return pb.ScoreResponse(result=wire.scores_to_proto(scores, record.request_id, self.backend))
+            backend = self.model.backend if batch.weights_version is not None and self.model else self.backend
+            return pb.ScoreResponse(result=wire.scores_to_proto(batch.score(), record.request_id, backend))
+
+    def reload_weights(self, raw: bytes, context: grpc.ServicerContext) -> pb.ReloadWeightsResponse:
+        with observed("ReloadWeights", context, self.metrics) as record:
+            request = _parse(pb.ReloadWeightsRequest, raw)
+            if self.model is None:
+                raise Failure(
+                    grpc.StatusCode.FAILED_PRECONDITION, "this server holds no model: start it with --model to reload weights"
+                )
+            version = check_version(request.weights_version, "weights_version")
+            record.request_id = version
+            if not request.path:
+                raise invalid("path must be set: the weights to load, on the server's file system")
+            seconds = self.model.reload(request.path, version)
+            return pb.ReloadWeightsResponse(weights_version=version, load_seconds=seconds)
 
     def score_logits_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ScoreLogitsStreamResponse:
         with observed("ScoreLogitsStream", context, self.metrics) as record:
@@ -114,7 +137,7 @@ class RewardService:
                 record.tokens = stream.filled
             if stream.filled < stream.total:
                 settled(context)
-            scores = stream.finish().score(config)
+            scores = stream.finish().score()
             return pb.ScoreLogitsStreamResponse(result=wire.scores_to_proto(scores, record.request_id, self.backend))
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -126,6 +149,9 @@ class RewardService:
                 ),
                 "ScoreLogitsStream": grpc.stream_unary_rpc_method_handler(
                     self.score_logits_stream, response_serializer=pb.ScoreLogitsStreamResponse.SerializeToString
+                ),
+                "ReloadWeights": grpc.unary_unary_rpc_method_handler(
+                    self.reload_weights, response_serializer=pb.ReloadWeightsResponse.SerializeToString
                 ),
             },
         )

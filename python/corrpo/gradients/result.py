@@ -6,15 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: The seed of each token's backward: the target logit (the paper's) or its log-prob.
-OBJECTIVES = ("logit", "logprob")
+from ..measures import MEASURES, OBJECTIVES
 
-#: Parameter-space measures (one backward per token) and the cheap logit-space ones.
-PARAMETER_MEASURES = ("l1_mean", "nuclear_qkvo", "frobenius")
-LOGIT_MEASURES = ("logit_grad", "head_logit_grad")
-MEASURES = PARAMETER_MEASURES + LOGIT_MEASURES
-
-#: How the parameter-space measures are obtained (see ``corrpo.gradients.estimators``).
+#: How ``token_strengths`` obtains the measures (see ``corrpo.gradients.estimators``):
+#: "logit_grad" computes only the logit-space measures, from the logits.
 ESTIMATORS = ("exact", "subsample", "jvp", "last_block", "logit_grad")
 
 

@@ -16,16 +16,12 @@ from .capture import Capture
 from .estimators import jvp_row, last_block_row, logits_row
 from .exact import exact_row
 from .handlers import Needs
-from .result import ESTIMATORS, LOGIT_MEASURES, MEASURES, OBJECTIVES, PARAMETER_MEASURES, TokenStrengths
+from ..measures import DEFAULT_K, LOGIT_MEASURES, MEASURES, OBJECTIVES, PARAMETER_MEASURES
+from ..measures import PRODUCES as _MODEL_PRODUCES
+from .result import ESTIMATORS, TokenStrengths
 
 #: What each estimator can produce, and what it gives when ``measures`` is None.
-PRODUCES = {
-    "exact": PARAMETER_MEASURES,
-    "subsample": PARAMETER_MEASURES,
-    "jvp": ("frobenius", "l1_mean"),
-    "last_block": PARAMETER_MEASURES,
-    "logit_grad": (),
-}
+PRODUCES = {**_MODEL_PRODUCES, "logit_grad": ()}
 DEFAULTS = {
     "exact": ("l1_mean", "nuclear_qkvo"),
     "subsample": ("l1_mean", "nuclear_qkvo"),
@@ -33,7 +29,6 @@ DEFAULTS = {
     "last_block": PARAMETER_MEASURES,
     "logit_grad": LOGIT_MEASURES,
 }
-DEFAULT_K = {"subsample": 16, "jvp": 32}
 
 
 def token_strengths(

@@ -33,6 +33,30 @@ class TopKEstimate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOP_K_ESTIMATE_CONCENTRATED_TAIL: _ClassVar[TopKEstimate]
     TOP_K_ESTIMATE_UNIFORM_TAIL: _ClassVar[TopKEstimate]
 
+class Measure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEASURE_UNSPECIFIED: _ClassVar[Measure]
+    MEASURE_LOGIT_GRAD: _ClassVar[Measure]
+    MEASURE_HEAD_LOGIT_GRAD: _ClassVar[Measure]
+    MEASURE_L1_MEAN: _ClassVar[Measure]
+    MEASURE_NUCLEAR_QKVO: _ClassVar[Measure]
+    MEASURE_FROBENIUS: _ClassVar[Measure]
+
+class Estimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ESTIMATOR_UNSPECIFIED: _ClassVar[Estimator]
+    ESTIMATOR_EXACT: _ClassVar[Estimator]
+    ESTIMATOR_SUBSAMPLE: _ClassVar[Estimator]
+    ESTIMATOR_JVP: _ClassVar[Estimator]
+    ESTIMATOR_LAST_BLOCK: _ClassVar[Estimator]
+    ESTIMATOR_TOP_K_BOUND: _ClassVar[Estimator]
+
+class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OBJECTIVE_UNSPECIFIED: _ClassVar[Objective]
+    OBJECTIVE_LOGIT: _ClassVar[Objective]
+    OBJECTIVE_LOGPROB: _ClassVar[Objective]
+
 class RhoStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RHO_STATUS_UNSPECIFIED: _ClassVar[RhoStatus]
@@ -53,6 +77,21 @@ ADVANTAGE_MODE_NONE: AdvantageMode
 TOP_K_ESTIMATE_UNSPECIFIED: TopKEstimate
 TOP_K_ESTIMATE_CONCENTRATED_TAIL: TopKEstimate
 TOP_K_ESTIMATE_UNIFORM_TAIL: TopKEstimate
+MEASURE_UNSPECIFIED: Measure
+MEASURE_LOGIT_GRAD: Measure
+MEASURE_HEAD_LOGIT_GRAD: Measure
+MEASURE_L1_MEAN: Measure
+MEASURE_NUCLEAR_QKVO: Measure
+MEASURE_FROBENIUS: Measure
+ESTIMATOR_UNSPECIFIED: Estimator
+ESTIMATOR_EXACT: Estimator
+ESTIMATOR_SUBSAMPLE: Estimator
+ESTIMATOR_JVP: Estimator
+ESTIMATOR_LAST_BLOCK: Estimator
+ESTIMATOR_TOP_K_BOUND: Estimator
+OBJECTIVE_UNSPECIFIED: Objective
+OBJECTIVE_LOGIT: Objective
+OBJECTIVE_LOGPROB: Objective
 RHO_STATUS_UNSPECIFIED: RhoStatus
 RHO_STATUS_DEFINED: RhoStatus
 RHO_STATUS_TOO_FEW_TOKENS: RhoStatus
@@ -60,7 +99,7 @@ RHO_STATUS_CONSTANT_ENTROPY: RhoStatus
 RHO_STATUS_CONSTANT_GRAD_NORM: RhoStatus
 
 class ScoreConfig(_message.Message):
-    __slots__ = ("method", "min_tokens", "temperature", "coef", "gate", "threshold", "advantage", "top_k_estimate")
+    __slots__ = ("method", "min_tokens", "temperature", "coef", "gate", "threshold", "advantage", "top_k_estimate", "measure", "estimator", "objective", "estimator_k", "estimator_seed")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +108,11 @@ class ScoreConfig(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_K_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_SEED_FIELD_NUMBER: _ClassVar[int]
     method: Method
     min_tokens: int
     temperature: float
@@ -77,19 +121,34 @@ class ScoreConfig(_message.Message):
     threshold: float
     advantage: AdvantageMode
     top_k_estimate: TopKEstimate
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., coef: _Optional[float] = ..., gate: _Optional[_Union[Gate, str]] = ..., threshold: _Optional[float] = ..., advantage: _Optional[_Union[AdvantageMode, str]] = ..., top_k_estimate: _Optional[_Union[TopKEstimate, str]] = ...) -> None: ...
+    measure: Measure
+    estimator: Estimator
+    objective: Objective
+    estimator_k: int
+    estimator_seed: int
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., coef: _Optional[float] = ..., gate: _Optional[_Union[Gate, str]] = ..., threshold: _Optional[float] = ..., advantage: _Optional[_Union[AdvantageMode, str]] = ..., top_k_estimate: _Optional[_Union[TopKEstimate, str]] = ..., measure: _Optional[_Union[Measure, str]] = ..., estimator: _Optional[_Union[Estimator, str]] = ..., objective: _Optional[_Union[Objective, str]] = ..., estimator_k: _Optional[int] = ..., estimator_seed: _Optional[int] = ...) -> None: ...
 
 class TokenStatsPayload(_message.Message):
-    __slots__ = ("entropy", "grad_norm", "logprob", "token_ids")
+    __slots__ = ("entropy", "grad_norm", "logprob", "token_ids", "strength")
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
     entropy: _tensor_pb2.Tensor
     grad_norm: _tensor_pb2.Tensor
     logprob: _tensor_pb2.Tensor
     token_ids: _tensor_pb2.Tensor
-    def __init__(self, entropy: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_norm: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logprob: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    strength: _tensor_pb2.Tensor
+    def __init__(self, entropy: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_norm: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logprob: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class TokensPayload(_message.Message):
+    __slots__ = ("prompt_ids", "response_ids")
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
+    prompt_ids: _tensor_pb2.Tensor
+    response_ids: _tensor_pb2.Tensor
+    def __init__(self, prompt_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., response_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class LogitsPayload(_message.Message):
     __slots__ = ("logits", "token_ids")
@@ -114,16 +173,18 @@ class TopKPayload(_message.Message):
     def __init__(self, top_logprobs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., top_token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logprob: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("reward", "stats", "logits", "top_k")
+    __slots__ = ("reward", "stats", "logits", "top_k", "tokens")
     REWARD_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     reward: float
     stats: TokenStatsPayload
     logits: LogitsPayload
     top_k: TopKPayload
-    def __init__(self, reward: _Optional[float] = ..., stats: _Optional[_Union[TokenStatsPayload, _Mapping]] = ..., logits: _Optional[_Union[LogitsPayload, _Mapping]] = ..., top_k: _Optional[_Union[TopKPayload, _Mapping]] = ...) -> None: ...
+    tokens: TokensPayload
+    def __init__(self, reward: _Optional[float] = ..., stats: _Optional[_Union[TokenStatsPayload, _Mapping]] = ..., logits: _Optional[_Union[LogitsPayload, _Mapping]] = ..., top_k: _Optional[_Union[TopKPayload, _Mapping]] = ..., tokens: _Optional[_Union[TokensPayload, _Mapping]] = ...) -> None: ...
 
 class Group(_message.Message):
     __slots__ = ("rollouts",)
@@ -132,14 +193,32 @@ class Group(_message.Message):
     def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "config", "groups")
+    __slots__ = ("request_id", "config", "groups", "weights_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     config: ScoreConfig
     groups: _containers.RepeatedCompositeFieldContainer[Group]
-    def __init__(self, request_id: _Optional[str] = ..., config: _Optional[_Union[ScoreConfig, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ...) -> None: ...
+    weights_version: str
+    def __init__(self, request_id: _Optional[str] = ..., config: _Optional[_Union[ScoreConfig, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., weights_version: _Optional[str] = ...) -> None: ...
+
+class ReloadWeightsRequest(_message.Message):
+    __slots__ = ("path", "weights_version")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    weights_version: str
+    def __init__(self, path: _Optional[str] = ..., weights_version: _Optional[str] = ...) -> None: ...
+
+class ReloadWeightsResponse(_message.Message):
+    __slots__ = ("weights_version", "load_seconds")
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    weights_version: str
+    load_seconds: float
+    def __init__(self, weights_version: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("result",)
@@ -266,15 +345,19 @@ class Fingerprint(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., rho_pooled: _Optional[float] = ..., rho_pooled_status: _Optional[_Union[RhoStatus, str]] = ..., rho_unique: _Optional[float] = ..., rho_unique_status: _Optional[_Union[RhoStatus, str]] = ..., num_unique_tokens: _Optional[int] = ..., rho_rollout_mean: _Optional[float] = ..., num_rollouts: _Optional[int] = ..., num_rollouts_defined: _Optional[int] = ..., entropy_mean: _Optional[float] = ..., entropy_mean_bits: _Optional[float] = ..., grad_norm_mean: _Optional[float] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("request_id", "config", "groups", "fingerprint", "backend")
+    __slots__ = ("request_id", "config", "groups", "fingerprint", "backend", "logit_grad_fingerprint", "weights_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_GRAD_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     config: ScoreConfig
     groups: _containers.RepeatedCompositeFieldContainer[GroupResult]
     fingerprint: Fingerprint
     backend: str
-    def __init__(self, request_id: _Optional[str] = ..., config: _Optional[_Union[ScoreConfig, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupResult, _Mapping]]] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
+    logit_grad_fingerprint: Fingerprint
+    weights_version: str
+    def __init__(self, request_id: _Optional[str] = ..., config: _Optional[_Union[ScoreConfig, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupResult, _Mapping]]] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., backend: _Optional[str] = ..., logit_grad_fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., weights_version: _Optional[str] = ...) -> None: ...

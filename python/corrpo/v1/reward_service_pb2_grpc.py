@@ -28,12 +28,15 @@ if _version_not_supported:
 class RewardServiceStub:
     """CorR-PO rewards for groups of rollouts (the G samples of one prompt each).
 
-    Per token the server needs the entropy H and the logit-gradient norm G of the policy's
-    next-token distribution. Clients send them already reduced (TokenStatsPayload, about
-    12 bytes per token: the recommended path), send top-k logprobs as rollout engines return
-    them, or send the logits themselves: small ones inside Score, large ones through
-    ScoreLogitsStream. Requests are idempotent: the same request gives the same response, so
-    retries are safe.
+    Per token the server needs the entropy H of the policy's next-token distribution and a
+    gradient strength S (ScoreConfig.measure): the paper's parameter-space measure
+    (MEASURE_L1_MEAN, ...) or the logit-space G (MEASURE_LOGIT_GRAD, the default). Clients
+    send them already reduced (TokenStatsPayload, about 12 bytes per token: the recommended
+    path), send the token ids to a server that holds the policy (TokensPayload, started with
+    --model), send top-k logprobs as rollout engines return them, or send the logits
+    themselves: small ones inside Score, large ones through ScoreLogitsStream. Logits and
+    top-k payloads can give only MEASURE_LOGIT_GRAD. Requests are idempotent: the same
+    request (and, for tokens, the same weights) gives the same response, so retries are safe.
     """
 
     def __init__(self, channel):
@@ -52,17 +55,25 @@ class RewardServiceStub:
                 request_serializer=corrpo_dot_v1_dot_reward__service__pb2.ScoreLogitsStreamRequest.SerializeToString,
                 response_deserializer=corrpo_dot_v1_dot_reward__service__pb2.ScoreLogitsStreamResponse.FromString,
                 _registered_method=True)
+        self.ReloadWeights = channel.unary_unary(
+                '/corrpo.v1.RewardService/ReloadWeights',
+                request_serializer=corrpo_dot_v1_dot_reward__service__pb2.ReloadWeightsRequest.SerializeToString,
+                response_deserializer=corrpo_dot_v1_dot_reward__service__pb2.ReloadWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
     """CorR-PO rewards for groups of rollouts (the G samples of one prompt each).
 
-    Per token the server needs the entropy H and the logit-gradient norm G of the policy's
-    next-token distribution. Clients send them already reduced (TokenStatsPayload, about
-    12 bytes per token: the recommended path), send top-k logprobs as rollout engines return
-    them, or send the logits themselves: small ones inside Score, large ones through
-    ScoreLogitsStream. Requests are idempotent: the same request gives the same response, so
-    retries are safe.
+    Per token the server needs the entropy H of the policy's next-token distribution and a
+    gradient strength S (ScoreConfig.measure): the paper's parameter-space measure
+    (MEASURE_L1_MEAN, ...) or the logit-space G (MEASURE_LOGIT_GRAD, the default). Clients
+    send them already reduced (TokenStatsPayload, about 12 bytes per token: the recommended
+    path), send the token ids to a server that holds the policy (TokensPayload, started with
+    --model), send top-k logprobs as rollout engines return them, or send the logits
+    themselves: small ones inside Score, large ones through ScoreLogitsStream. Logits and
+    top-k payloads can give only MEASURE_LOGIT_GRAD. Requests are idempotent: the same
+    request (and, for tokens, the same weights) gives the same response, so retries are safe.
     """
 
     def Score(self, request, context):
@@ -75,6 +86,16 @@ class RewardServiceServicer:
     def ScoreLogitsStream(self, request_iterator, context):
         """Scores rollouts from logits larger than one message: a header, then blocks of whole
         logits rows that the server reduces as they arrive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadWeights(self, request, context):
+        """Loads new weights of the policy into a model-backed server (one started with --model),
+        as SGLang's update_weights_from_disk: requests in flight finish on the old weights,
+        later ones use the new. Returns once the new weights serve. Health is NOT_SERVING
+        while they load. FAILED_PRECONDITION on a server without a model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +114,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     request_deserializer=corrpo_dot_v1_dot_reward__service__pb2.ScoreLogitsStreamRequest.FromString,
                     response_serializer=corrpo_dot_v1_dot_reward__service__pb2.ScoreLogitsStreamResponse.SerializeToString,
             ),
+            'ReloadWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadWeights,
+                    request_deserializer=corrpo_dot_v1_dot_reward__service__pb2.ReloadWeightsRequest.FromString,
+                    response_serializer=corrpo_dot_v1_dot_reward__service__pb2.ReloadWeightsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'corrpo.v1.RewardService', rpc_method_handlers)
@@ -104,12 +130,15 @@ def add_RewardServiceServicer_to_server(servicer, server):
 class RewardService:
     """CorR-PO rewards for groups of rollouts (the G samples of one prompt each).
 
-    Per token the server needs the entropy H and the logit-gradient norm G of the policy's
-    next-token distribution. Clients send them already reduced (TokenStatsPayload, about
-    12 bytes per token: the recommended path), send top-k logprobs as rollout engines return
-    them, or send the logits themselves: small ones inside Score, large ones through
-    ScoreLogitsStream. Requests are idempotent: the same request gives the same response, so
-    retries are safe.
+    Per token the server needs the entropy H of the policy's next-token distribution and a
+    gradient strength S (ScoreConfig.measure): the paper's parameter-space measure
+    (MEASURE_L1_MEAN, ...) or the logit-space G (MEASURE_LOGIT_GRAD, the default). Clients
+    send them already reduced (TokenStatsPayload, about 12 bytes per token: the recommended
+    path), send the token ids to a server that holds the policy (TokensPayload, started with
+    --model), send top-k logprobs as rollout engines return them, or send the logits
+    themselves: small ones inside Score, large ones through ScoreLogitsStream. Logits and
+    top-k payloads can give only MEASURE_LOGIT_GRAD. Requests are idempotent: the same
+    request (and, for tokens, the same weights) gives the same response, so retries are safe.
     """
 
     @staticmethod
@@ -156,6 +185,33 @@ class RewardService:
             '/corrpo.v1.RewardService/ScoreLogitsStream',
             corrpo_dot_v1_dot_reward__service__pb2.ScoreLogitsStreamRequest.SerializeToString,
             corrpo_dot_v1_dot_reward__service__pb2.ScoreLogitsStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corrpo.v1.RewardService/ReloadWeights',
+            corrpo_dot_v1_dot_reward__service__pb2.ReloadWeightsRequest.SerializeToString,
+            corrpo_dot_v1_dot_reward__service__pb2.ReloadWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,
