@@ -42,7 +42,8 @@ $(VENV)/.gradients-deps: pyproject.toml | $(PY)
 DEMO_OUT ?= runs/demo
 demo: native $(VENV)/.train-deps
 	rm -rf $(DEMO_OUT)
-	$(VENV)/bin/corrpo-train run --config configs/demo.toml --out $(DEMO_OUT)
+	@start=$$(date +%s); $(VENV)/bin/corrpo-train run --config configs/demo.toml --out $(DEMO_OUT) && \
+		echo "make demo: the run took $$(( $$(date +%s) - start )) s (after the build)"
 
 # The Python stubs of proto/corrpo/v1, generated into python/corrpo/v1 (checked in).
 PROTOC = $(PY) -m grpc_tools.protoc -Iproto

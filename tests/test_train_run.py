@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -39,7 +40,7 @@ def train(out: Path, *flags: str) -> subprocess.CompletedProcess:
 
 def steady(records: list[dict]) -> list[dict]:
     """The records without wall-clock times."""
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "strength_s")} for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +56,19 @@ def test_run_writes_every_step_and_the_server_scored_each_rl_step(reference_run:
     assert [r["step"] for r in records] == list(range(1, SFT + 1)) + list(range(1, RL + 1))
     assert [r["global_step"] for r in records] == list(range(1, SFT + RL + 1))
     for r in records:
-        for key in ("phase", "step", "reward_mean", "accuracy", "rho_pooled", "loss"):
+        for key in ("phase", "step", "reward_mean", "accuracy", "loss"):
             assert key in r
         assert 0 <= r["accuracy"] <= 1 and r["loss"] is not None
+    sft = [r for r in records if r["phase"] == "sft"]
     rl = [r for r in records if r["phase"] == "rl"]
+    # Both measures: the paper's (S, of --strength) and the logit-space G.
+    assert all(-1 <= r["rho_pooled_logit_grad"] <= 1 for r in sft + rl)
     assert all(r["rho_pooled"] is not None and -1 <= r["rho_pooled"] <= 1 for r in rl)
+    evaluated = [r["step"] for r in sft if r.get("rho_pooled_samples") is not None]
+    assert evaluated == [10, 20, 30]
+    assert sorted(p.name for p in (reference_run / "strengths").iterdir()) == [
+        "rl-00010.npz", "rl-00020.npz", "rl-00030.npz", "rl-00040.npz", "sft-00010.npz", "sft-00020.npz", "sft-00030.npz"
+    ]  # fmt: skip
     # The server's figures and the verifier's agree: with gate "none",
     # mean(r - coef * rho) = mean(r) - coef * (mean defined rho) * (fraction defined).
     for r in rl:
@@ -201,3 +210,51 @@ def test_arm_specs() -> None:
         parse_arm("mine:coef=0.2")
     with pytest.raises(ValueError, match="not setting=value"):
         parse_arm("corrpo:colour=red")
+
+
+def _brute_force_l1_mean(model, prompt: list[int], response: list[int]) -> list[float]:
+    """The paper's measure with plain autograd on the trainer's own model: per response
+    token, backward from its target logit, then the mean over blocks of the L1 norm of the
+    block's gradient."""
+    ids = torch.tensor([prompt + response])
+    out = []
+    for t in range(len(prompt), len(prompt) + len(response)):
+        model.zero_grad(set_to_none=True)
+        _, logits = model(ids[:, : t + 1])
+        logits[0, t - 1, ids[0, t]].backward()
+        out.append(float(np.mean([sum(p.grad.abs().sum().item() for p in b.parameters()) for b in model.blocks])))
+    return out
+
+
+def test_exact_strength_in_process_and_on_a_model_backed_server(tmp_path: Path) -> None:
+    """--strength exact computes the paper's measure in the trainer; --server-model sends token
+    ids to a local model-backed server it syncs every step. Same rollouts, same numbers; and
+    the SFT figures equal plain autograd on the trainer's own model."""
+    flags = ["--sft-steps", "10", "--rl-steps", "3", "--eval-every", "10", "--strength", "exact", "--device", "cpu"]
+    train(tmp_path / "inproc", *flags)
+    train(tmp_path / "served", *flags, "--server-model")
+    a = read_metrics(tmp_path / "inproc" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "served" / "metrics.jsonl")
+    for x, y in zip(a, b):
+        assert x["reward_mean"] == y["reward_mean"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        for key in ("rho_pooled", "rho_rollout_mean", "rho_pooled_logit_grad", "rho_pooled_samples"):
+            if x.get(key) is not None:
+                assert x[key] == pytest.approx(y[key], abs=2e-3), key
+    rl = [r for r in b if r["phase"] == "rl"]
+    assert all(r["rho_pooled"] != r["rho_pooled_logit_grad"] for r in rl)
+    events = [json.loads(line) for line in (tmp_path / "served" / "server.log").read_text().splitlines() if line.startswith("{")]
+    reloads = [e for e in events if e.get("event") == "weights_reloaded"]
+    assert len(reloads) == 3 and reloads[-1]["weights_version"].endswith("/rl/3")
+    tokens = [e for e in events if e.get("rpc") == "Score" and e.get("status") == "OK"]
+    assert len(tokens) == 3
+    # The SFT evaluation's exact strengths against plain autograd, token by token.
+    from corrpo.fingerprinting.models import load_train_transformer
+
+    model = load_train_transformer(tmp_path / "inproc" / "sft.pt")
+    saved = np.load(tmp_path / "inproc" / "strengths" / "sft-00010.npz")
+    ends = np.cumsum(saved["lengths"])
+    for row in range(2):
+        start = ends[row] - saved["lengths"][row]
+        response = saved["token_ids"][start : ends[row]].tolist()
+        want = _brute_force_l1_mean(model, saved["prompts"][row].tolist(), response)
+        np.testing.assert_allclose(saved["strength"][start : ends[row]], want, rtol=1e-4)

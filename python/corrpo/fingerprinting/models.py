@@ -233,18 +233,14 @@ def llama_config(cfg: Any) -> Any:
     )
 
 
-def convert_train_model(transformer: Any) -> Any:
-    """An equivalent ``LlamaForCausalLM`` of a corrpo-train ``Transformer`` (same logits):
-    the fused ``attn.qkv`` is split into q/k/v_proj, ``gate_up`` into gate_proj and
-    up_proj (gate first), ``attn.out`` becomes o_proj and ``down`` down_proj."""
-    import torch
-    from transformers import LlamaForCausalLM
-
+def llama_state_dict(transformer: Any) -> dict[str, Any]:
+    """The weights of a corrpo-train ``Transformer`` under ``LlamaForCausalLM``'s names: the
+    fused ``attn.qkv`` split into q/k/v_proj, ``gate_up`` into gate_proj and up_proj (gate
+    first), ``attn.out`` as o_proj and ``down`` as down_proj. Views of the live weights."""
     cfg = transformer.cfg
-    src = {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}
-    llama = LlamaForCausalLM(llama_config(cfg)).float()
+    src = {k: v.detach() for k, v in transformer.state_dict().items()}
     d, hidden = cfg.d_model, 4 * cfg.d_model * 2 // 3
-    dst: dict[str, torch.Tensor] = {
+    dst: dict[str, Any] = {
         "model.embed_tokens.weight": src["embed.weight"],
         "model.norm.weight": src["norm.weight"],
         "lm_head.weight": src["lm_head.weight"],
@@ -266,10 +262,24 @@ def convert_train_model(transformer: Any) -> Any:
                 o + "mlp.down_proj.weight": src[b + "down.weight"],
             }
         )
-    missing, unexpected = llama.load_state_dict({k: v.contiguous() for k, v in dst.items()}, strict=False)
+    return dst
+
+
+def sync_llama(transformer: Any, llama: Any) -> None:
+    """Copies a corrpo-train ``Transformer``'s current weights into its converted Llama."""
+    missing, unexpected = llama.load_state_dict(llama_state_dict(transformer), strict=False)
     missing = [m for m in missing if "rotary" not in m]
     if missing or unexpected:  # pragma: no cover - a change in transformers' Llama layout
         raise ConfigError(f"converting the corrpo-train model: missing {missing}, unexpected {unexpected}")
+
+
+def convert_train_model(transformer: Any) -> Any:
+    """An equivalent float32 ``LlamaForCausalLM`` of a corrpo-train ``Transformer`` (same
+    logits), on the CPU (see ``llama_state_dict``)."""
+    from transformers import LlamaForCausalLM
+
+    llama = LlamaForCausalLM(llama_config(transformer.cfg)).float()
+    sync_llama(transformer, llama)
     return llama.eval()
 
 
@@ -330,8 +340,10 @@ __all__ = [
     "convert_train_model",
     "describe",
     "llama_config",
+    "llama_state_dict",
     "load_model",
     "load_train_transformer",
     "resolve_device",
+    "sync_llama",
     "train_model_config",
 ]

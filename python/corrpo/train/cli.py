@@ -28,7 +28,7 @@ from . import config as configuration
 from .config import METHODS, TrainConfig
 
 
-def _local_server(out: Path) -> Any:
+def _local_server(out: Path, cfg: TrainConfig) -> Any:
     try:
         from corrpo_server.process import ServerProcess
     except ImportError:
@@ -36,7 +36,13 @@ def _local_server(out: Path) -> Any:
             "corrpo-train starts a local corrpo-server unless --server host:port is given, "
             "and corrpo-server is not installed: pip install ./server (from the corrpo repository)"
         ) from None
-    return ServerProcess(log=out / "server.log")
+    args: list[str] = []
+    if cfg.server_model:
+        # The server starts on the run's initial model; the first RL step reloads the policy.
+        from .loop import initial_weights
+
+        args = ["--model", str(initial_weights(cfg, out / "server-weights.pt")), "--device", cfg.device]
+    return ServerProcess(*args, log=out / "server.log", ready_timeout=300)
 
 
 def _client(target: str) -> Any:
@@ -59,7 +65,7 @@ def _serve(stack: ExitStack, cfg: TrainConfig, out: Path) -> str:
     if cfg.server:
         return cfg.server
     out.mkdir(parents=True, exist_ok=True)
-    server = stack.enter_context(_local_server(out))
+    server = stack.enter_context(_local_server(out, cfg))
     print(f"corrpo-server started for this run on {server.target} (log: {server.log_path})", file=sys.stderr)
     return server.target
 
@@ -88,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             write_json(out / "summary.json", summary)
             plot = report.plot_run(records, out / "training.png", f"{cfg.method}, seed {cfg.seed}, model {cfg.model}")
             report.print_summary(summary, f"corrpo-train: {cfg.method}, seed {cfg.seed}")
+            print(report.MEASURES_LINE.format(strength=cfg.strength, objective=cfg.objective) if cfg.strength != "logit_grad" else report.LOGIT_GRAD_LINE)
             print(f"metrics: {out / 'metrics.jsonl'}\nsummary: {out / 'summary.json'}\nplot:    {plot}")
     finally:
         dist.shutdown()
@@ -103,7 +110,12 @@ def parse_arm(spec: str) -> tuple[str, dict[str, Any]]:
         key, sep, value = item.partition("=")
         if not sep or key not in kinds:
             raise ValueError(f"arm {spec!r}: {item!r} is not setting=value with a known setting")
-        settings[key] = kinds[key](value)
+        if kinds[key] is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"arm {spec!r}: {key} must be true or false, got {value!r}")
+            settings[key] = value.lower() == "true"
+        else:
+            settings[key] = kinds[key](value)
     if "method" not in settings:
         if name not in METHODS:
             raise ValueError(f"arm {spec!r} needs method=... (its name is not one of {list(METHODS)})")
@@ -187,7 +199,17 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def _flags(settings: dict[str, Any]) -> list[str]:
-    return [x for k, v in settings.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    if settings.get("server_model"):
+        # Each such run reloads weights into its own model-backed server.
+        flags += ["--server", ""]
+    return flags
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

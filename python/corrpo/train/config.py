@@ -16,6 +16,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .model import SIZES
+from .strengths import STRENGTHS
 from .task import TASKS
 
 METHODS = ("grpo", "corrpo")
@@ -53,6 +54,16 @@ class TrainConfig:
     gate: str = "none"  # none | correct
     advantage: str = "grpo"  # grpo | drgrpo
     min_tokens: int = 8
+    # The per-token strength S correlated with entropy: the paper's parameter-space measure
+    # (l1_mean) by an estimator of corrpo.gradients (exact | subsample | jvp | last_block), or
+    # logit_grad, the logit-space G whose rho with H is near +1 by construction.
+    strength: str = "subsample"
+    objective: str = "logit"  # logit (the paper's) | logprob: the seed of each token's backward
+    strength_k: int = 0  # tokens per rollout (subsample) or directions (jvp); 0: the estimator's default
+    # Score tokens on a model-backed corrpo-server instead (sending ids, not statistics); the
+    # run reloads the server's weights every sync_every RL steps.
+    server_model: bool = False
+    sync_every: int = 1
     # Infrastructure
     server: str = ""  # host:port of a corrpo-server; empty starts a local one for the run
     seed: int = 0
@@ -74,9 +85,16 @@ class TrainConfig:
         need(self.gate in ("none", "correct"), f"gate must be 'none' or 'correct', got {self.gate!r}")
         need(self.advantage in ("grpo", "drgrpo"), f"advantage must be 'grpo' or 'drgrpo', got {self.advantage!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.strength in STRENGTHS, f"strength must be one of {list(STRENGTHS)}, got {self.strength!r}")
+        need(self.objective in ("logit", "logprob"), f"objective must be 'logit' or 'logprob', got {self.objective!r}")
+        need(self.strength_k >= 0, f"strength_k must be >= 0, got {self.strength_k}")
+        need(
+            self.strength_k == 0 or self.strength in ("subsample", "jvp"),
+            f"strength_k applies to the subsample and jvp strengths, not {self.strength!r}",
+        )
         for name in ("sft_steps", "rl_steps", "threads", "kl_coef", "coef", "weight_decay"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("sft_batch", "prompts_per_step", "ppo_epochs", "eval_every", "checkpoint_every", "eval_size"):
+        for name in ("sft_batch", "prompts_per_step", "ppo_epochs", "eval_every", "checkpoint_every", "eval_size", "sync_every"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.group_size >= 2, f"group_size must be >= 2 (advantages compare rollouts of a prompt), got {self.group_size}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
@@ -87,6 +105,11 @@ class TrainConfig:
         """The coefficient sent to the server: GRPO is CorR-PO with coef 0."""
         return self.coef if self.method == "corrpo" else 0.0
 
+    @property
+    def measure(self) -> str:
+        """The measure the run's rho is of."""
+        return "logit_grad" if self.strength == "logit_grad" else "l1_mean"
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -95,7 +118,9 @@ class TrainConfig:
 
     def training_identity(self) -> dict[str, Any]:
         """The settings that decide what is computed (a resumed run must match them)."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("server", "threads", "eval_every", "checkpoint_every")}
+        return {
+            k: v for k, v in self.to_dict().items() if k not in ("server", "threads", "eval_every", "checkpoint_every", "server_model")
+        }
 
 
 def load(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -117,7 +142,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
-        choices = {"task": sorted(TASKS), "model": sorted(SIZES), "method": list(METHODS)}.get(f.name)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+            continue
+        choices = {"task": sorted(TASKS), "model": sorted(SIZES), "method": list(METHODS), "strength": list(STRENGTHS)}.get(f.name)
         parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices, help=f"(default {f.default!r})")
 
 

@@ -3,12 +3,14 @@ server scoring every batch of rollouts.
 
 One RL step, as a trainer wires corrpo in:
   1. sample G rollouts for each prompt (KV cache, temperature) and verify them;
-  2. run the training forward pass over prompt + rollout, and reduce its final hidden
-     states and the LM head to per-token entropy and grad_norm with
-     ``corrpo.token_stats_from_hidden`` (the Rust core on the CPU, the fused Triton
-     kernel on a GPU), never forming more than a chunk of the logits;
-  3. send those statistics and the verifier rewards to the server (12 bytes per token),
-     which returns r - coef * rho and the group advantages;
+  2. per response token, the entropy H and the strength S of ``--strength``: the paper's
+     parameter-space measure by an estimator of ``corrpo.gradients`` (``train/strengths.py``),
+     or ``logit_grad`` from the training forward pass's hidden states and LM head with
+     ``corrpo.token_stats_from_hidden`` (the Rust core on the CPU, the fused Triton kernel
+     on a GPU);
+  3. send those statistics and the verifier rewards to the server (a few bytes per token),
+     which returns r - coef * rho(H, S) and the group advantages; with ``--server-model``
+     send the token ids instead to a model-backed server synced every ``sync_every`` steps;
   4. take PPO-clipped steps on the advantages (optionally with KL to the SFT model).
 GRPO is the same loop with coef 0, still through the server, so the two differ in the
 regularizer alone.
@@ -44,10 +46,11 @@ from .dist import World
 from .loss import policy_loss, token_logprobs
 from .model import SIZES, ModelConfig, Transformer, generate
 from .state import MetricsLog, load_checkpoint, read_metrics, save_atomic, write_json
+from .strengths import ParameterStrengths, Strengths
 from .task import EOS, PAD, AdditionTask, Problem
 
 # Streams of randomness, one per use.
-_SFT_DATA, _SFT_SAMPLES, _RL_DATA, _RL_SAMPLES = range(4)
+_SFT_DATA, _SFT_SAMPLES, _RL_DATA, _RL_SAMPLES, _RL_STRENGTH = range(5)
 # Settings that decide the SFT phase: a run may start RL from another run's SFT model only
 # when these agree.
 SFT_SETTINGS = ("task", "digits", "data_seed", "eval_size", "model", "sft_steps", "sft_batch", "sft_lr", "seed", "temperature", "weight_decay", "grad_clip")
@@ -69,6 +72,15 @@ def build_model(cfg: TrainConfig, task: AdditionTask) -> Transformer:
             max_len=task.prompt_len + task.max_response_len,
         )
     )
+
+
+def initial_weights(cfg: TrainConfig, path: Path) -> Path:
+    """A checkpoint of the run's initial model at ``path``, for a model-backed server to
+    start from (the run reloads its policy before the server scores anything)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg, AdditionTask(cfg.digits, cfg.data_seed, cfg.eval_size))
+    save_atomic({"model": model.state_dict(), "config": cfg.training_identity()}, path)
+    return path
 
 
 def response_lengths(responses: torch.Tensor) -> torch.Tensor:
@@ -135,6 +147,8 @@ class Trainer:
         self.metrics = MetricsLog(out / "metrics.jsonl")
         ident = json.dumps(cfg.training_identity(), sort_keys=True)
         self.run_id = hashlib.sha1(ident.encode()).hexdigest()[:12]
+        # The paper's measure needs per-token backward passes through a Llama mirror.
+        self.parameter_strengths = ParameterStrengths(self.policy, cfg.objective) if cfg.strength != "logit_grad" else None
 
     # ---- state ----------------------------------------------------------------------
 
@@ -209,12 +223,27 @@ class Trainer:
             temperature=self.cfg.temperature,
             lengths=lengths.cpu().numpy(),
         )
-        return {
-            "entropy": stats.entropy,
-            "grad_norm": stats.grad_norm,
-            "token_ids": logits_ids.cpu().numpy(),
-            "lengths": lengths.cpu().numpy(),
-        }
+        return Strengths(
+            entropy=stats.entropy,
+            strength=stats.grad_norm,
+            grad_norm=stats.grad_norm,
+            token_ids=logits_ids.cpu().numpy(),
+            lengths=lengths.cpu().numpy(),
+        ).arrays()
+
+    def _seeds(self, step: int, prompts: range) -> list[int]:
+        """One seed per prompt for the estimators' draws, the same on any rank."""
+        return [int(draw(self.cfg, _RL_STRENGTH, step, i).integers(2**63)) for i in prompts]
+
+    def _sft_strengths(self, step: int, sampled: Batch, share: range) -> dict[str, np.ndarray] | None:
+        """The paper's measure, exact, on the model's own solutions of this SFT step (at the
+        steps that evaluate): how rho(H, S) moves during SFT."""
+        if self.parameter_strengths is None:
+            return None
+        arrays = self.parameter_strengths(
+            sampled.prompts, sampled.responses, sampled.lengths, estimator="exact", k=None, seeds=[0] * len(share)
+        ).arrays()
+        return {**arrays, "prompts": sampled.prompts.cpu().numpy()}
 
     def _gathered(self, part: dict[str, Any]) -> dict[str, np.ndarray] | None:
         """This step's per-rank arrays concatenated on rank 0 in rank order."""
@@ -299,6 +328,7 @@ class Trainer:
             sampled_hidden, _ = sampled.forward(self.policy)
             sampled_mask = sampled.mask
             own = self._token_stats(sampled_hidden[sampled_mask], sampled.responses[sampled_mask], sampled.lengths)
+        measured = self._sft_strengths(step, sampled, _split(len(problems), world)) if self._evaluates(step, cfg.sft_steps) else None
         loss_total, correct_total = world.sum(float(loss_sum.detach()), float(correct))
         record: dict[str, Any] = {
             "phase": "sft",
@@ -310,14 +340,29 @@ class Trainer:
         }
         on_data, on_samples = self._gathered(stats), self._gathered(own)
         if on_data is not None and on_samples is not None:
-            record.update(_fingerprint_figures(self._fingerprint(on_data)))
-            record["rho_pooled_samples"] = self._fingerprint(on_samples).rho_pooled
+            # rho(H, G) on the written-out solutions (the data) and on the model's own.
+            record.update(_suffixed(_fingerprint_figures(self._fingerprint(on_data)), "_logit_grad"))
+            own_fp = _fingerprint_figures(self._fingerprint(on_samples))
+            record.update(_suffixed(own_fp, "_samples_logit_grad"))
+            if self.parameter_strengths is None:
+                record.update(_suffixed(own_fp, "_samples"))
+        gathered = None if measured is None else self._gathered(measured)
+        if gathered is not None:
+            record.update(_suffixed(_fingerprint_figures(self._fingerprint(gathered, "strength")), "_samples"))
+            self._save_strengths(gathered, f"sft-{step:05d}")
         return record
 
-    def _fingerprint(self, stats: dict[str, np.ndarray]) -> corrpo.Fingerprint:
-        return corrpo.fingerprint(
-            stats["entropy"], stats["grad_norm"], stats["token_ids"], stats["lengths"], min_tokens=self.cfg.min_tokens
-        )
+    def _evaluates(self, step: int, last: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step == last
+
+    def _save_strengths(self, arrays: dict[str, np.ndarray], name: str) -> None:
+        """The per-token values behind a step's figures, for confidence intervals later."""
+        folder = self.out / "strengths"
+        folder.mkdir(exist_ok=True)
+        np.savez_compressed(folder / f"{name}.npz", **arrays)
+
+    def _fingerprint(self, stats: dict[str, np.ndarray], key: str = "grad_norm") -> corrpo.Fingerprint:
+        return corrpo.fingerprint(stats["entropy"], stats[key], stats["token_ids"], stats["lengths"], min_tokens=self.cfg.min_tokens)
 
     def rl_step(self, step: int, score: Callable[..., Any] | None) -> dict[str, Any]:
         cfg, world, task = self.cfg, self.world, self.task
@@ -329,12 +374,23 @@ class Trainer:
         batch = self._sample(mine, noise)
         rewards = self._verify(mine, batch)
 
+        started = time.perf_counter()
+        if self.parameter_strengths is not None and not cfg.server_model:
+            stats = self.parameter_strengths(
+                batch.prompts, batch.responses, batch.lengths, estimator=cfg.strength, k=cfg.strength_k or None, seeds=self._seeds(step, share)
+            ).arrays()
+        strength_s = time.perf_counter() - started
         self.policy.train()
         hidden, logits = batch.forward(self.model)
         mask = batch.mask
         ids = batch.responses[mask]
         logp = token_logprobs(logits[mask], ids, cfg.temperature)
-        stats = self._token_stats(hidden[mask], ids, batch.lengths)
+        if self.parameter_strengths is None and not cfg.server_model:
+            started = time.perf_counter()
+            stats = self._token_stats(hidden[mask], ids, batch.lengths)
+            strength_s = time.perf_counter() - started
+        if cfg.server_model:  # the server computes H and S from the ids
+            stats = {"prompts": batch.prompts.cpu().numpy(), "response_ids": ids.cpu().numpy(), "lengths": batch.lengths.cpu().numpy()}
 
         # The server scores the whole batch at once: rewards, rho and advantages are per
         # group, and the fingerprint is the batch's.
@@ -342,7 +398,13 @@ class Trainer:
         reply = None
         if gathered is not None:
             assert score is not None
+            if cfg.server_model and (step - 1) % cfg.sync_every == 0:
+                self._sync_server(score, step)
+            started = time.perf_counter()
             reply = score(gathered, request_id=f"corrpo-train/{self.run_id}/rl/{step}")
+            reply["strength_s"] = strength_s + (time.perf_counter() - started if cfg.server_model else 0.0)
+            if self._evaluates(step, cfg.rl_steps) and not cfg.server_model:
+                self._save_strengths({k: v for k, v in gathered.items() if k != "rewards"}, f"rl-{step:05d}")
         reply = world.broadcast(reply)
         first = share.start * cfg.group_size
         advantages = torch.tensor(reply["advantages"][first : first + len(mine)], dtype=torch.float32, device=world.device)
@@ -379,15 +441,23 @@ class Trainer:
             "response_len": n_tokens / (len(problems) * cfg.group_size),
             "clip_frac": float(np.mean(clipped)),
             "kl": float(np.mean(kls)),
+            "strength_s": reply["strength_s"],
         }
         record.update(reply["fingerprint"])
+        record.update(_suffixed(reply["logit_grad"], "_logit_grad"))
         return record
+
+    def _sync_server(self, score: Any, step: int) -> None:
+        """Hands the model-backed server the policy that sampled this step's rollouts."""
+        path = self.out / "server-weights.pt"
+        save_atomic({"model": self.policy.state_dict(), "config": self.cfg.training_identity()}, path)
+        score.reload(path, f"{self.run_id}/rl/{step}")
 
     def run(self, score_client: Any | None = None) -> list[dict[str, Any]]:
         """Runs (or resumes) SFT then RL; returns the metrics of the whole run."""
         cfg = self.cfg
         phase, done = self.restore()
-        score = None if score_client is None else _scorer(score_client, cfg)
+        score = None if score_client is None else _Scorer(score_client, cfg)
         total = cfg.sft_steps + cfg.rl_steps
         start_at = done if phase == "sft" else cfg.sft_steps + done
         with ExitStack() as stack:
@@ -441,16 +511,27 @@ def _fingerprint_figures(fp: corrpo.Fingerprint) -> dict[str, Any]:
     }
 
 
-def _scorer(client: Any, cfg: TrainConfig) -> Callable[..., dict[str, Any]]:
-    """Sends a step's gathered statistics and rewards to the reward server; returns what
-    every rank needs of its answer."""
+def _suffixed(figures: dict[str, Any], suffix: str) -> dict[str, Any]:
+    return {k + suffix: v for k, v in figures.items()}
 
-    def score(batch: dict[str, np.ndarray], request_id: str) -> dict[str, Any]:
+
+class _Scorer:
+    """Sends a step's gathered statistics (or, with ``server_model``, its token ids) and
+    rewards to the reward server; returns what every rank needs of its answer."""
+
+    def __init__(self, client: Any, cfg: TrainConfig) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.version: str | None = None
+
+    def reload(self, path: Path, version: str) -> None:
+        self.client.reload_weights(str(path), version)
+        self.version = version
+
+    def __call__(self, batch: dict[str, np.ndarray], request_id: str) -> dict[str, Any]:
+        cfg = self.cfg
         bounds = np.cumsum(batch["lengths"])[:-1]
-        scores = client.score(
-            entropy=np.split(batch["entropy"], bounds),
-            grad_norm=np.split(batch["grad_norm"], bounds),
-            token_ids=np.split(batch["token_ids"], bounds),
+        settings: dict[str, Any] = dict(
             rewards=batch["rewards"],
             group_sizes=cfg.group_size,
             coef=cfg.score_coef,
@@ -458,24 +539,44 @@ def _scorer(client: Any, cfg: TrainConfig) -> Callable[..., dict[str, Any]]:
             advantage=cfg.advantage,
             min_tokens=cfg.min_tokens,
             request_id=request_id,
+            measure=cfg.measure,
         )
+        if cfg.strength != "logit_grad":
+            settings.update(estimator=cfg.strength, objective=cfg.objective, estimator_k=cfg.strength_k or None)
+        if cfg.server_model:
+            scores = self.client.score(
+                prompt_ids=list(batch["prompts"]),
+                token_ids=np.split(batch["response_ids"], bounds),
+                weights_version=self.version,
+                **settings,
+            )
+        else:
+            if cfg.strength != "logit_grad":
+                settings["strength"] = np.split(batch["strength"], bounds)
+            scores = self.client.score(
+                entropy=np.split(batch["entropy"], bounds),
+                grad_norm=np.split(batch["grad_norm"], bounds),
+                token_ids=np.split(batch["token_ids"], bounds),
+                **settings,
+            )
         defined = np.isfinite(scores.rho)
+        figures = _fingerprint_figures(scores.fingerprint)
         return {
             "advantages": scores.advantages.tolist(),
             "reward_mean": float(np.mean(batch["rewards"])),
             "reward_reg_mean": float(np.mean(scores.rewards)),
             "rho_defined": float(defined.mean()),
-            "fingerprint": _fingerprint_figures(scores.fingerprint),
+            "fingerprint": figures,
+            "logit_grad": figures if scores.logit_grad is None else _fingerprint_figures(scores.logit_grad),
         }
-
-    return score
 
 
 def _postfix(record: dict[str, Any]) -> str:
     def fmt(value: Any) -> str:
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
-    parts = [record["phase"], f"loss {fmt(record['loss'])}", f"acc {fmt(record['accuracy'])}", f"rho {fmt(record.get('rho_pooled'))}"]
+    rho = record.get("rho_pooled", record.get("rho_pooled_samples"))
+    parts = [record["phase"], f"loss {fmt(record['loss'])}", f"acc {fmt(record['accuracy'])}", f"rho {fmt(rho)}"]
     if record["phase"] == "rl":
         parts.insert(2, f"reward {fmt(record['reward_reg_mean'])}")
     if record.get("eval_accuracy") is not None:

@@ -10,7 +10,13 @@ import numpy as np
 
 from .state import read_metrics
 
-COLORS = {"grpo": "#1f77b4", "corrpo": "#d62728", "corrpo-gated": "#ff7f0e", "sft": "#555555"}
+COLORS = {
+    "grpo": "#1f77b4",
+    "corrpo": "#d62728",
+    "corrpo-gated": "#ff7f0e",
+    "corrpo-logit-grad": "#9467bd",
+    "sft": "#555555",
+}
 
 
 def _values(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -43,13 +49,30 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "held_out_accuracy": _last(records, "eval_accuracy"),
         "rl_accuracy_last10": _mean_over(records, "accuracy", "rl", 10),
         "rl_reward_reg_last10": _mean_over(records, "reward_reg_mean", "rl", 10),
-        "rho_pooled_sft_first": next((r["rho_pooled"] for r in sft if r.get("rho_pooled") is not None), None),
-        "rho_pooled_sft_last": _last(records, "rho_pooled", "sft"),
+        "rho_pooled_samples_sft_first": next((r["rho_pooled_samples"] for r in sft if r.get("rho_pooled_samples") is not None), None),
         "rho_pooled_samples_sft_last": _last(records, "rho_pooled_samples", "sft"),
+        "rho_pooled_samples_logit_grad_sft_last": _last(records, "rho_pooled_samples_logit_grad", "sft"),
         "rho_pooled_rl_last10": _mean_over(records, "rho_pooled", "rl", 10),
+        "rho_pooled_logit_grad_rl_last10": _mean_over(records, "rho_pooled_logit_grad", "rl", 10),
+        "strength_s_rl_mean": _mean_over(records, "strength_s", "rl", 10**9),
         "entropy_mean_rl_last10": _mean_over(records, "entropy_mean", "rl", 10),
         "elapsed_s": _last(records, "elapsed_s"),
     }
+
+
+MEASURES_LINE = (
+    "S is the paper's measure: l1_mean, the parameter-space gradient of the target {objective} "
+    "(SPEC 3; estimator {strength}). G is logit_grad, the logit-space norm whose rho with H is near +1 by construction."
+)
+LOGIT_GRAD_LINE = (
+    "S is G here (--strength logit_grad): the logit-space norm whose rho with H is near +1 by construction, "
+    "not the paper's measure (use --strength exact or subsample for that)."
+)
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -62,10 +85,12 @@ SUMMARY_ROWS = (
     ("held-out accuracy after SFT", "held_out_accuracy_after_sft"),
     ("held-out accuracy at the end", "held_out_accuracy"),
     ("RL rollout accuracy (last 10 steps)", "rl_accuracy_last10"),
-    ("pooled rho, first SFT step", "rho_pooled_sft_first"),
-    ("pooled rho, last SFT step (data)", "rho_pooled_sft_last"),
-    ("pooled rho, last SFT step (own samples)", "rho_pooled_samples_sft_last"),
-    ("pooled rho, RL (last 10 steps)", "rho_pooled_rl_last10"),
+    ("pooled rho(H, S), first SFT evaluation (own samples)", "rho_pooled_samples_sft_first"),
+    ("pooled rho(H, S), last SFT step (own samples)", "rho_pooled_samples_sft_last"),
+    ("pooled rho(H, G), last SFT step (own samples)", "rho_pooled_samples_logit_grad_sft_last"),
+    ("pooled rho(H, S), RL (last 10 steps)", "rho_pooled_rl_last10"),
+    ("pooled rho(H, G), RL (last 10 steps)", "rho_pooled_logit_grad_rl_last10"),
+    ("seconds per RL step for S", "strength_s_rl_mean"),
     ("mean entropy, RL (last 10 steps, nats)", "entropy_mean_rl_last10"),
     ("wall time (s)", "elapsed_s"),
 )
@@ -125,7 +150,7 @@ def _smooth(y: np.ndarray, width: int) -> np.ndarray:
 
 def plot_run(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Accuracy, reward and pooled rho over the SFT and RL steps of one run."""
-    fig, (acc, reward, rho) = _panels(records, ("accuracy", "RL reward (5-step mean)", "pooled Spearman rho(H, G)"))
+    fig, (acc, reward, rho) = _panels(records, ("accuracy", "RL reward (5-step mean)", "pooled Spearman rho(H, S) and rho(H, G)"))
     x, y = _values(records, "accuracy")
     acc.plot(x, _smooth(y, 5), lw=1, alpha=0.6, label="own samples (train prompts)")
     x, y = _values(records, "eval_accuracy")
@@ -136,10 +161,17 @@ def plot_run(records: list[dict[str, Any]], path: Path, title: str) -> Path:
         x, y = _values(rl, key)
         reward.plot(x, _smooth(y, 5), label=label)
     reward.legend(loc="lower right")
-    for key, label in (("rho_pooled", "training forward pass"), ("rho_pooled_samples", "own samples (SFT)")):
+    for key, label, style in (
+        ("rho_pooled", "S of --strength, RL rollouts", "-"),
+        ("rho_pooled_samples", "S, own samples (SFT)", "o-"),
+        ("rho_pooled_logit_grad", "G (logit_grad), RL rollouts", "-"),
+        ("rho_pooled_samples_logit_grad", "G, own samples (SFT)", "-"),
+    ):
         x, y = _values(records, key)
-        rho.plot(x, y, lw=1, label=label)
-    rho.legend(loc="lower left")
+        if len(x):
+            rho.plot(x, y, style, lw=1, ms=3, label=label)
+    rho.axhline(0, color="0.6", lw=0.6)
+    rho.legend(loc="best", fontsize=8)
     return _save(fig, path, title)
 
 
@@ -173,14 +205,13 @@ def plot_study(study: dict[str, dict[int, list[dict[str, Any]]]], path: Path, ti
     """Held-out accuracy, RL rollout accuracy and pooled rho per arm: mean over seeds, with the
     band from the lowest to the highest seed."""
     first = next(iter(study.values()))
-    titles = ("held-out accuracy (greedy)", "RL rollout accuracy (9-step mean)", "pooled Spearman rho(H, G)")
+    titles = ("held-out accuracy (greedy)", "RL rollout accuracy (9-step mean)", "pooled Spearman rho(H, S), each arm's S")
     fig, (acc, reward, rho) = _panels(next(iter(first.values())), titles)
     for arm, runs in study.items():
         color = COLORS.get(arm, None)
         _band(acc, runs, "eval_accuracy", color, arm, None)
         _band(reward, runs, "accuracy", color, arm, "rl", smooth=9)
         _band(rho, runs, "rho_pooled", color, arm, "rl")
-    _band(rho, first, "rho_pooled", COLORS["sft"], "SFT, data", "sft")
     _band(rho, first, "rho_pooled_samples", "#2ca02c", "SFT, own samples", "sft")
     for ax in (acc, reward, rho):
         ax.legend(loc="best", fontsize=8)
@@ -205,18 +236,23 @@ def study_table(study: dict[str, dict[int, list[dict[str, Any]]]]) -> tuple[list
                 "held_out_final_std": float(final.std(ddof=1)) if len(final) > 1 else 0.0,
                 "gain_mean": float((final - after_sft).mean()),
                 "rho_pooled_rl_last10": [s["rho_pooled_rl_last10"] for s in sums.values()],
+                "rho_pooled_logit_grad_rl_last10": [s["rho_pooled_logit_grad_rl_last10"] for s in sums.values()],
+                "strength_s_rl_mean": [s["strength_s_rl_mean"] for s in sums.values()],
                 "entropy_mean_rl_last10": [s["entropy_mean_rl_last10"] for s in sums.values()],
             }
         )
     lines = [
-        "| arm | held-out after SFT (per seed) | held-out at the end (per seed) | mean ± std | mean gain over SFT | pooled rho, last 10 RL steps (per seed) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| arm | held-out after SFT (per seed) | held-out at the end (per seed) | mean ± std | mean gain over SFT "
+        "| pooled rho(H, S), last 10 RL steps (per seed) | pooled rho(H, G), same steps | s per step for S |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['arm']} | {', '.join(_fmt(v) for v in row['held_out_after_sft'])} "
             f"| {', '.join(_fmt(v) for v in row['held_out_final'])} "
             f"| {row['held_out_final_mean']:.3f} ± {row['held_out_final_std']:.3f} "
-            f"| {row['gain_mean']:+.3f} | {', '.join(_fmt(v, 2) for v in row['rho_pooled_rl_last10'])} |"
+            f"| {row['gain_mean']:+.3f} | {', '.join(_fmt(v, 2) for v in row['rho_pooled_rl_last10'])} "
+            f"| {', '.join(_fmt(v, 2) for v in row['rho_pooled_logit_grad_rl_last10'])} "
+            f"| {_fmt(_mean_of(row['strength_s_rl_mean']), 2)} |"
         )
     return rows, "\n".join(lines) + "\n"
