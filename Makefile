@@ -81,9 +81,13 @@ bench-gpu: native $(VENV)/.test-deps
 	$(PY) bench/bench_gpu.py
 
 # The CPU study of docs/results.md (about 15 minutes on 2 cores).
+# The study of docs/results.md (about 40 minutes on 2 cores), then the SFT table and plot.
 study: native $(VENV)/.train-deps
-	$(VENV)/bin/corrpo-train study --config configs/cpu.toml --seeds 0 1 2 \
-		--arms grpo corrpo corrpo-gated:method=corrpo,gate=correct --out runs/study-cpu
+	$(VENV)/bin/corrpo-train study --config configs/study-paper.toml --seeds 0 1 2 --out runs/study-paper \
+		--arms grpo corrpo corrpo-gated:method=corrpo,gate=correct \
+		corrpo-logit-grad:method=corrpo,strength=logit_grad \
+		corrpo-logit-grad-gated:method=corrpo,strength=logit_grad,gate=correct
+	$(PY) examples/study/sft_fingerprint.py runs/study-paper
 
 # The paper's fingerprint of a real model (docs/fingerprint.md): SmolLM2-135M-Instruct answers
 # 12 math problems, then the exact per-token parameter-space strength of every

@@ -193,10 +193,9 @@ def test_a_server_without_a_model_refuses_tokens_and_reloads(client):
 
 def test_logits_payloads_cannot_name_a_parameter_measure(client, rng):
     logits = rng.standard_normal((10, 16)).astype(np.float32)
-    with pytest.raises(grpc.RpcError) as info:
-        client.score(logits=[logits], token_ids=[np.arange(10)], measure="l1_mean", send="logits")
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "logits payloads give only the logit_grad measure" in info.value.details()
+    for send in ("stats", "logits"):  # the client says so before sending anything
+        with pytest.raises(corrpo.ConfigError, match="logits payloads give only the logit_grad measure"):
+            client.score(logits=[logits], token_ids=[np.arange(10)], measure="l1_mean", send=send)
 
 
 def test_model_that_fails_to_load_exits_2(tmp_path):
@@ -209,16 +208,12 @@ def test_model_that_fails_to_load_exits_2(tmp_path):
         assert "Traceback" not in message
 
 
-def _watch(target: str, statuses: list[str], stop: threading.Event) -> None:
-    from grpc_health.v1 import health_pb2_grpc
-
-    with grpc.insecure_channel(target) as channel:
-        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+def _watch(stream, statuses: list[str]) -> None:
+    try:
         for reply in stream:
             statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-            if stop.is_set() and statuses[-1] == "SERVING":
-                stream.cancel()
-                return
+    except grpc.RpcError:
+        pass  # cancelled at the end of the test
 
 
 def test_reload_under_load_loses_nothing_and_versions_are_enforced(models, tmp_path):
@@ -230,17 +225,21 @@ def test_reload_under_load_loses_nothing_and_versions_are_enforced(models, tmp_p
         config = corrpo.ScoreConfig(estimator="exact").resolve({"tokens"})
         want[version] = in_process(hf(models[key]), prompts, responses, None, [4], config, False)
     with ServerProcess("--model", str(models["a"]), "--device", "cpu", env={"OMP_NUM_THREADS": "1"}, ready_timeout=180) as server:
+        from grpc_health.v1 import health_pb2_grpc
+
         statuses: list[str] = []
-        stop = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(server.target, statuses, stop), daemon=True)
+        channel = grpc.insecure_channel(server.target)
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=300)
+        watcher = threading.Thread(target=_watch, args=(stream, statuses), daemon=True)
         watcher.start()
         with RewardClient(server.target, timeout=120) as c:
-            answers: list[corrpo.Scores] = []
             done = threading.Event()
 
-            def load() -> None:
+            def load() -> list[corrpo.Scores]:
+                answers = []
                 while not done.is_set():
                     answers.append(c.score(prompt_ids=prompts, token_ids=responses, estimator="exact"))
+                return answers
 
             with ThreadPoolExecutor(3) as pool:
                 workers = [pool.submit(load) for _ in range(3)]
@@ -248,18 +247,20 @@ def test_reload_under_load_loses_nothing_and_versions_are_enforced(models, tmp_p
                 seconds = c.reload_weights(str(models["b"]), "v2")
                 time.sleep(0.5)
                 done.set()
-                for w in workers:
-                    w.result()  # any failed request raises here
-            stop.set()
-            c.health()  # a last status for the watcher to see
+                per_client = [w.result() for w in workers]  # any failed request raises here
+            time.sleep(0.2)  # the last status change reaches the watcher
+            stream.cancel()
             watcher.join(30)
+            channel.close()
             assert seconds > 0
-            versions = [a.weights_version for a in answers]
-            assert {"initial", "v2"} <= set(versions), versions
-            # Once v2 serves, nothing is scored by the old weights again.
-            assert versions == sorted(versions, key=lambda v: v == "v2")
-            for a in answers:
-                assert_same(a, want[a.weights_version])
+            versions = [[a.weights_version for a in answers] for answers in per_client]
+            assert {"initial", "v2"} <= {v for vs in versions for v in vs}, versions
+            # Each client's requests are sequential: once one is scored by v2, so are its later ones.
+            for vs in versions:
+                assert vs == sorted(vs, key=lambda v: v == "v2"), vs
+            for answers in per_client:
+                for a in answers:
+                    assert_same(a, want[a.weights_version])
             # Health: NOT_SERVING while the weights loaded, SERVING after.
             assert "NOT_SERVING" in statuses and statuses[-1] == "SERVING", statuses
             # The version a request names must be the one the server holds.

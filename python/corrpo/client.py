@@ -237,6 +237,9 @@ def prepare(
         )
     if weights_version is not None and kinds[0] != "prompt_ids":
         raise ValueError("weights_version applies to tokens payloads (prompt_ids and token_ids)")
+    if kinds[0] in ("logits", "top_logprobs"):
+        # Logits give G alone, reduced here or by the server: refuse another measure now.
+        config.resolve({"logits" if kinds[0] == "logits" else "top_k"})
     if send not in ("stats", "logits"):
         raise ValueError(f"send must be 'stats' or 'logits', got {send!r}")
     if send == "logits" and logits is None:

@@ -9,6 +9,7 @@ then swaps them under the same lock, so a request is scored entirely by one vers
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import threading
 import time
@@ -70,11 +71,9 @@ class PolicyModel:
     on_loading(True/False) is called around every reload (health goes NOT_SERVING)."""
 
     def __init__(self, path: str, *, device: str, dtype: str, version: str, on_loading: Callable[[bool], None]) -> None:
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError as err:
-            raise ModelLoadError(f"model-backed scoring needs torch and transformers ({err}): pip install 'corrpo[gradients]'") from None
+        missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ModelLoadError(f"model-backed scoring needs {' and '.join(missing)}: pip install 'corrpo[gradients]'")
         from corrpo.fingerprinting.models import resolve_device
 
         try:

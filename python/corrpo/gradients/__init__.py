@@ -9,7 +9,8 @@ not import this package.
 """
 
 from .architecture import ArchitectureError
-from .result import ESTIMATORS, MEASURES, OBJECTIVES, TokenStrengths
+from ..measures import MEASURES, OBJECTIVES
+from .result import ESTIMATORS, TokenStrengths
 from .strengths import check_settings, token_strengths
 
 __all__ = ["ESTIMATORS", "MEASURES", "OBJECTIVES", "ArchitectureError", "TokenStrengths", "check_settings", "token_strengths"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..measures import MEASURES, OBJECTIVES
+from ..measures import MEASURES
 
 #: How ``token_strengths`` obtains the measures (see ``corrpo.gradients.estimators``):
 #: "logit_grad" computes only the logit-space measures, from the logits.

@@ -145,7 +145,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
             continue
-        choices = {"task": sorted(TASKS), "model": sorted(SIZES), "method": list(METHODS), "strength": list(STRENGTHS)}.get(f.name)
+        choices = {
+            "task": sorted(TASKS),
+            "model": sorted(SIZES),
+            "method": list(METHODS),
+            "strength": list(STRENGTHS),
+            "objective": ["logit", "logprob"],
+        }.get(f.name)
         parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices, help=f"(default {f.default!r})")
 
 

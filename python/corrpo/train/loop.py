@@ -45,7 +45,7 @@ from .config import TrainConfig
 from .dist import World
 from .loss import policy_loss, token_logprobs
 from .model import SIZES, ModelConfig, Transformer, generate
-from .state import MetricsLog, load_checkpoint, read_metrics, save_atomic, write_json
+from .state import MetricsLog, load_checkpoint, read_metrics, save_atomic
 from .strengths import ParameterStrengths, Strengths
 from .task import EOS, PAD, AdditionTask, Problem
 
@@ -398,7 +398,8 @@ class Trainer:
         reply = None
         if gathered is not None:
             assert score is not None
-            if cfg.server_model and (step - 1) % cfg.sync_every == 0:
+            # A resumed run syncs first: its server may hold any weights.
+            if cfg.server_model and ((step - 1) % cfg.sync_every == 0 or score.version is None):
                 self._sync_server(score, step)
             started = time.perf_counter()
             reply = score(gathered, request_id=f"corrpo-train/{self.run_id}/rl/{step}")
