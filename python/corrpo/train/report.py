@@ -15,8 +15,11 @@ COLORS = {
     "corrpo": "#d62728",
     "corrpo-gated": "#ff7f0e",
     "corrpo-logit-grad": "#9467bd",
+    "corrpo-logit-grad-gated": "#8c564b",
     "sft": "#555555",
 }
+# Arms without a color of their own take these, in order, rather than repeat one above.
+SPARE_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#7f7f7f")
 
 
 def _values(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -207,11 +210,17 @@ def plot_study(study: dict[str, dict[int, list[dict[str, Any]]]], path: Path, ti
     first = next(iter(study.values()))
     titles = ("held-out accuracy (greedy)", "RL rollout accuracy (9-step mean)", "pooled Spearman rho(H, S), each arm's S")
     fig, (acc, reward, rho) = _panels(next(iter(first.values())), titles)
+    spare = iter(SPARE_COLORS * len(study))
     for arm, runs in study.items():
-        color = COLORS.get(arm, None)
+        color = COLORS[arm] if arm in COLORS else next(spare)
         _band(acc, runs, "eval_accuracy", color, arm, None)
         _band(reward, runs, "accuracy", color, arm, "rl", smooth=9)
         _band(rho, runs, "rho_pooled", color, arm, "rl")
+    # Rollout accuracy exists only in RL: show those steps alone.
+    sft_steps = sum(1 for r in next(iter(first.values())) if r["phase"] == "sft")
+    total = len(next(iter(first.values())))
+    if total > sft_steps:
+        reward.set_xlim(sft_steps, total)
     _band(rho, first, "rho_pooled_samples", "#2ca02c", "SFT, own samples", "sft")
     for ax in (acc, reward, rho):
         ax.legend(loc="best", fontsize=8)
