@@ -152,29 +152,32 @@ def _smooth(y: np.ndarray, width: int) -> np.ndarray:
 
 
 def plot_run(records: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Accuracy, reward and pooled rho over the SFT and RL steps of one run."""
+    """Accuracy, reward, and pooled rho(H, S) and rho(H, G) over the SFT and RL steps of one
+    run; the reward panel shows the RL steps alone."""
     fig, (acc, reward, rho) = _panels(records, ("accuracy", "RL reward (5-step mean)", "pooled Spearman rho(H, S) and rho(H, G)"))
     x, y = _values(records, "accuracy")
     acc.plot(x, _smooth(y, 5), lw=1, alpha=0.6, label="own samples (train prompts)")
     x, y = _values(records, "eval_accuracy")
     acc.plot(x, y, "o-", label="held-out (greedy)")
-    acc.legend(loc="lower right")
+    acc.legend(loc="best")
     rl = [r for r in records if r["phase"] == "rl"]
     for key, label in (("reward_mean", "verifier reward"), ("reward_reg_mean", "r - coef * rho (sent to advantages)")):
         x, y = _values(rl, key)
         reward.plot(x, _smooth(y, 5), label=label)
-    reward.legend(loc="lower right")
+    if rl:
+        reward.set_xlim(rl[0]["global_step"] - 0.5, rl[-1]["global_step"] + 0.5)
+        reward.set_xlabel("step (RL)")
+    reward.legend(loc="best")
     for key, label, style in (
         ("rho_pooled", "S of --strength, RL rollouts", "-"),
-        ("rho_pooled_samples", "S, own samples (SFT)", "o-"),
-        ("rho_pooled_logit_grad", "G (logit_grad), RL rollouts", "-"),
+        ("rho_pooled_samples", "S, own samples (SFT, exact)", "o-"),
+        ("rho_pooled_logit_grad", "G, training batch (SFT: data; RL: rollouts)", "-"),
         ("rho_pooled_samples_logit_grad", "G, own samples (SFT)", "-"),
     ):
         x, y = _values(records, key)
         if len(x):
             rho.plot(x, y, style, lw=1, ms=3, label=label)
-    rho.axhline(0, color="0.6", lw=0.6)
-    rho.legend(loc="best", fontsize=8)
+    rho.legend(loc="lower right", fontsize=8)
     return _save(fig, path, title)
 
 
