@@ -20,3 +20,17 @@ def invalid(message: str) -> Failure:
 
 def too_large(message: str) -> Failure:
     return Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+#: Longest request id or weights version, in characters.
+MAX_NAME = 128
+
+
+def checked_name(value: str, path: str, purpose: str) -> str:
+    """A client-chosen name (a request id, a weights version): set, and short. ``purpose``
+    says in the error what the name is for."""
+    if not value:
+        raise invalid(f"{path} must be set: {purpose}")
+    if len(value) > MAX_NAME:
+        raise invalid(f"{path} has {len(value)} characters; at most {MAX_NAME} are allowed")
+    return value

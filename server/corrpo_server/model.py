@@ -24,10 +24,8 @@ import corrpo
 from corrpo.scoring import ScoreConfig
 
 from .batch import ScoredTokens
-from .failure import Failure, invalid
+from .failure import Failure, checked_name, invalid
 from .observe import event
-
-_MAX_VERSION = 128
 
 
 class ModelLoadError(Exception):
@@ -58,11 +56,7 @@ def _load(path: str, device: str, dtype: str, version: str) -> _Loaded:
 
 
 def check_version(version: str, path: str) -> str:
-    if not version:
-        raise invalid(f"{path} must be set: the name that requests give in weights_version")
-    if len(version) > _MAX_VERSION:
-        raise invalid(f"{path} has {len(version)} characters; at most {_MAX_VERSION} are allowed")
-    return version
+    return checked_name(version, path, "the name that requests give in weights_version")
 
 
 class PolicyModel:

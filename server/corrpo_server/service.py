@@ -12,12 +12,11 @@ from corrpo import wire
 from corrpo.v1 import reward_service_pb2 as pb
 
 from .batch import Limits, LogitsStream, Reducer, from_score_request
-from .failure import Failure, invalid
+from .failure import Failure, checked_name, invalid
 from .model import PolicyModel, check_version
 from .observe import Metrics, alive_check, observed, settled
 
 SERVICE = "corrpo.v1.RewardService"
-_MAX_REQUEST_ID = 128
 
 
 def _parse(kind: type[Message], raw: bytes) -> Message:
@@ -62,11 +61,7 @@ def block_view(raw: bytes) -> memoryview | None:
 
 
 def _request_id(value: str, path: str) -> str:
-    if not value:
-        raise invalid(f"{path} must be set: a client-chosen id that retries of the same request reuse")
-    if len(value) > _MAX_REQUEST_ID:
-        raise invalid(f"{path} has {len(value)} characters; at most {_MAX_REQUEST_ID} are allowed")
-    return value
+    return checked_name(value, path, "a client-chosen id that retries of the same request reuse")
 
 
 class RewardService:
