@@ -44,6 +44,7 @@ class Options:
     metrics_port: int | None = None
     grace_s: float = 30.0
     port_file: Path | None = None
+    parent_pid: int | None = None
     model: str | None = None
     device: str = "auto"
     dtype: str = "float32"
@@ -112,6 +113,17 @@ def _warm_up(reduce: Reducer) -> None:
     corrpo.score(stats.entropy, stats.grad_norm, [32, 32], [2])
 
 
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    """Stops the server (a drain, as on SIGTERM) once the process ``pid`` that started it has
+    died, however it died: an orphan is re-parented, so its parent id changes. Polling
+    rather than Linux's parent-death signal, which is tied to the thread that forked and
+    was seen not to arrive."""
+    while not stop.wait(0.25):
+        if os.getppid() != pid:
+            event("parent_exited", parent_pid=pid)
+            stop.set()
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -126,6 +138,8 @@ def serve(options: Options) -> int:
     if options.auth_token_file is not None:
         interceptors.append(TokenAuth(read_tokens(options.auth_token_file), metrics))
     service = RewardService(reduce, backend_name, Limits(max_tokens=options.max_tokens), metrics)
+    if options.parent_pid is not None and options.parent_pid != os.getppid():
+        raise StartupError(f"--parent-pid {options.parent_pid} is not this server's parent ({os.getppid()})")
     if options.model is not None and not options.weights_version:
         raise StartupError("--weights-version must not be empty")
     server = grpc.server(
@@ -164,6 +178,8 @@ def serve(options: Options) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.set())
+    if options.parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(options.parent_pid, stop), name="corrpo-parent", daemon=True).start()
     server.start()
     metrics_port = None
     if options.metrics_port is not None:

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (0: any)")
     run.add_argument("--grace", type=float, default=defaults.grace_s, help="seconds in-flight requests get on shutdown")
     run.add_argument("--port-file", type=Path, help="write the bound ports and pid here once serving, as JSON")
+    run.add_argument(
+        "--parent-pid", type=int, help="drain and exit when this process, the server's parent, exits (for local servers)"
+    )
     model = run.add_argument_group(
         "model-backed scoring",
         "Hold the policy and score tokens payloads (prompt and response ids) with the paper's parameter-space "
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         grace_s=args.grace,
         port_file=args.port_file,
+        parent_pid=args.parent_pid,
         model=args.model,
         device=args.device,
         dtype=args.dtype,

@@ -3,7 +3,6 @@ server for the length of a run."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -12,26 +11,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """On Linux, a child that gets SIGTERM when its parent dies, so that a killed trainer
-    or script never leaves its server behind. prctl is looked up here, in the parent,
-    so that the child only makes one system call before exec."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def arm() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-    return arm
 
 
 class ServerProcess:
@@ -40,8 +19,9 @@ class ServerProcess:
         with ServerProcess() as server:
             client = RewardClient(server.target)
 
-    ``stop()`` sends SIGTERM (a graceful drain) and returns the exit code. On Linux the
-    server also gets SIGTERM when the process that started it dies, however it dies.
+    ``stop()`` sends SIGTERM (a graceful drain) and returns the exit code. The server also
+    drains and exits when the process that started it dies, however it dies
+    (``--parent-pid``).
     """
 
     def __init__(
@@ -55,7 +35,10 @@ class ServerProcess:
         self._dir = tempfile.TemporaryDirectory(prefix="corrpo-server-")
         port_file = Path(self._dir.name) / "ports.json"
         self.log_path = log or Path(self._dir.name) / "server.log"
-        command = [sys.executable, "-m", "corrpo_server", "serve", "--host", host, "--port-file", str(port_file)]
+        command = [
+            sys.executable, "-m", "corrpo_server", "serve", "--host", host, "--port-file", str(port_file),
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
         if "--port" not in args:
             command += ["--port", "0"]
         self._log = open(self.log_path, "ab")
@@ -64,7 +47,6 @@ class ServerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            preexec_fn=_die_with_parent(),
         )
         deadline = time.monotonic() + ready_timeout
         while not port_file.exists():
