@@ -137,7 +137,7 @@ def serve(options: Options) -> int:
     interceptors = []
     if options.auth_token_file is not None:
         interceptors.append(TokenAuth(read_tokens(options.auth_token_file), metrics))
-    service = RewardService(reduce, backend_name, Limits(max_tokens=options.max_tokens), metrics)
+    service = RewardService(reduce, backend_name, Limits(max_tokens=options.max_tokens), metrics, options.model is not None)
     if options.parent_pid is not None and options.parent_pid != os.getppid():
         raise StartupError(f"--parent-pid {options.parent_pid} is not this server's parent ({os.getppid()})")
     if options.model is not None and not options.weights_version:

@@ -64,22 +64,28 @@ def _request_id(value: str, path: str) -> str:
     return checked_name(value, path, "a client-chosen id that retries of the same request reuse")
 
 
+def _loading(*_args: object, **_kwargs: object) -> None:
+    raise Failure(grpc.StatusCode.UNAVAILABLE, "the model is still loading: health says SERVING once it is ready")
+
+
 class RewardService:
-    def __init__(
-        self, reduce: Reducer, backend: str, limits: Limits, metrics: Metrics, model: PolicyModel | None = None
-    ) -> None:
+    """``model``: the policy of a model-backed server, set once it has loaded;
+    ``model_expected``: the server was started with --model (tokens wait for it)."""
+
+    def __init__(self, reduce: Reducer, backend: str, limits: Limits, metrics: Metrics, model_expected: bool = False) -> None:
         self.reduce = reduce
         self.backend = backend
         self.limits = limits
         self.metrics = metrics
-        self.model = model
+        self.model: PolicyModel | None = None
+        self.model_expected = model_expected
 
     def score(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScoreResponse:
         with observed("Score", context, self.metrics) as record:
             request = _parse(pb.ScoreRequest, raw)
             record.request_id = _request_id(request.request_id, "request_id")
             config = wire.config_from_proto(request.config)
-            score_tokens = None
+            score_tokens = _loading if self.model_expected else None
             if self.model is not None:
                 expected = check_version(request.weights_version, "weights_version") if request.HasField("weights_version") else None
                 score_tokens = functools.partial(self.model.score, expected_version=expected)
@@ -92,6 +98,8 @@ class RewardService:
         with observed("ReloadWeights", context, self.metrics) as record:
             request = _parse(pb.ReloadWeightsRequest, raw)
             if self.model is None:
+                if self.model_expected:
+                    _loading()
                 raise Failure(
                     grpc.StatusCode.FAILED_PRECONDITION, "this server holds no model: start it with --model to reload weights"
                 )
