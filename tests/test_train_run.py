@@ -138,7 +138,16 @@ def test_changed_settings_do_not_resume(reference_run: Path, server) -> None:
     assert "holds a run with other settings (coef)" in done.stderr
 
 
-@pytest.mark.parametrize("flags, message", [(["--group-size", "1"], "group_size must be >= 2"), (["--method", "ppo"], "invalid choice")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--group-size", "1"], "group_size must be >= 2"),
+        (["--method", "ppo"], "invalid choice"),
+        (["--strength", "l2"], "invalid choice"),
+        (["--strength", "exact", "--strength-k", "4"], "strength_k applies to the subsample and jvp strengths, not 'exact'"),
+        (["--sync-every", "0"], "sync_every must be >= 1"),
+    ],
+)
 def test_bad_settings_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
     done = subprocess.run(command(tmp_path / "bad", *flags), env=ENV, capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr
@@ -210,6 +219,24 @@ def test_arm_specs() -> None:
         parse_arm("mine:coef=0.2")
     with pytest.raises(ValueError, match="not setting=value"):
         parse_arm("corrpo:colour=red")
+    # Bool settings read true/false, and become --flag / --no-flag on the arm's command line;
+    # an arm on a model-backed server gets its own (a shared one would be reloaded by every run).
+    from corrpo.train import config as configuration
+    from corrpo.train.cli import _flags
+
+    name, settings = parse_arm("served:method=corrpo,strength=exact,server_model=true")
+    assert settings == {"method": "corrpo", "strength": "exact", "server_model": True}
+    flags = _flags(settings)
+    assert flags == ["--method", "corrpo", "--strength", "exact", "--server-model", "--server", ""]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configuration.add_flags(parser)
+    overrides = configuration.overrides(parser.parse_args(flags))
+    assert (overrides["server_model"], overrides["server"], overrides["strength"]) == (True, "", "exact")
+    assert configuration.overrides(parser.parse_args(["--no-server-model"]))["server_model"] is False
+    with pytest.raises(ValueError, match="server_model must be true or false"):
+        parse_arm("x:method=corrpo,server_model=yes")
 
 
 def _brute_force_l1_mean(model, prompt: list[int], response: list[int]) -> list[float]:
