@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy import stats
 
 import corrpo
 from corrpo import reference
@@ -141,3 +142,55 @@ def test_score_config_rejects_bad_settings(settings, needle):
     with pytest.raises(corrpo.ConfigError) as info:
         corrpo.ScoreConfig(**settings)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "kinds", "expected"),
+    [
+        ({}, {"stats"}, ("logit_grad", "exact", None, None)),
+        ({}, {"logits", "stats"}, ("logit_grad", "exact", None, None)),
+        ({}, {"logits", "top_k"}, ("logit_grad", "top_k", None, None)),
+        ({}, {"tokens"}, ("l1_mean", "subsample", "logit", 16)),
+        ({"measure": "logit_grad"}, {"tokens"}, ("logit_grad", "exact", None, None)),
+        ({"measure": "frobenius", "estimator": "jvp"}, {"stats"}, ("frobenius", "jvp", "logit", 32)),
+        ({"measure": "nuclear_qkvo", "objective": "logprob"}, {"stats"}, ("nuclear_qkvo", "exact", "logprob", None)),
+        ({"estimator": "subsample", "estimator_k": 4}, {"tokens"}, ("l1_mean", "subsample", "logit", 4)),
+    ],
+)
+def test_score_config_resolves_what_each_payload_gives(settings, kinds, expected):
+    got = corrpo.ScoreConfig(**settings).resolve(kinds)
+    assert (got.measure, got.estimator, got.objective, got.estimator_k) == expected
+    assert got.resolved
+    if len(kinds) == 1:
+        assert got.resolve(kinds) == got  # resolving twice changes nothing
+
+
+@pytest.mark.parametrize(
+    ("settings", "kinds", "message"),
+    [
+        ({"measure": "l1_mean"}, {"logits"}, "logits payloads give only the logit_grad measure"),
+        ({"measure": "l1_mean"}, {"top_k"}, "top-k payloads give only the logit_grad measure"),
+        ({"estimator": "exact"}, {"top_k"}, "top-k payloads give logit_grad by the 'top_k' estimator"),
+        ({"measure": "nuclear_qkvo", "estimator": "jvp"}, {"tokens"}, "estimator 'jvp' cannot give 'nuclear_qkvo'"),
+        ({"measure": "logit_grad", "estimator": "subsample"}, {"stats"}, "its estimator is 'exact', not 'subsample'"),
+        ({"objective": "logit"}, {"stats"}, "objective applies to parameter-space measures"),
+        ({"estimator_k": 3}, {"stats"}, "estimator_k applies to the subsample and jvp estimators"),
+        ({}, {"tokens", "stats"}, "tokens payloads cannot be mixed"),
+    ],
+)
+def test_score_config_refuses_what_a_payload_cannot_give(settings, kinds, message):
+    with pytest.raises(corrpo.ConfigError, match=message):
+        corrpo.ScoreConfig(**settings).resolve(kinds)
+
+
+def test_score_with_a_named_measure_adds_the_logit_grad_fingerprint(rng):
+    h, s, g = rng.random(30), rng.random(30), rng.random(30)
+    ids = rng.permutation(np.arange(30) % 10)  # 10 distinct ids: rho over them is defined
+    config = corrpo.ScoreConfig(measure="l1_mean")
+    scores = corrpo.score(h, s, [10, 20], [2], token_ids=ids, config=config, logit_grad=g)
+    assert scores.logit_grad == corrpo.fingerprint(h, g, ids, [10, 20])
+    assert scores.logit_grad.rho_pooled == pytest.approx(stats.spearmanr(h, g)[0], rel=1e-12)
+    assert scores.fingerprint.rho_pooled == pytest.approx(stats.spearmanr(h, s)[0], rel=1e-12)
+    assert scores.config == config.resolve({"stats"})
+    # Under logit_grad the values are G already: no second fingerprint.
+    assert corrpo.score(h, g, [10, 20], [2], logit_grad=g).logit_grad is None

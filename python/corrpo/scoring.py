@@ -84,7 +84,12 @@ class ScoreConfig:
 
     @property
     def resolved(self) -> bool:
-        return self.measure is not None and self.estimator is not None
+        """Whether every strength setting is decided (as ``resolve`` leaves them)."""
+        if self.measure is None or self.estimator is None:
+            return False
+        if self.objective is None and self.measure not in LOGIT_MEASURES:
+            return False
+        return self.estimator_k is not None or self.estimator not in DEFAULT_K
 
     def resolve(self, kinds: set[str] | frozenset[str]) -> ScoreConfig:
         """This config with every strength setting decided for a request whose rollouts
@@ -93,15 +98,17 @@ class ScoreConfig:
         if "tokens" in kinds and len(kinds) > 1:
             raise ConfigError("tokens payloads cannot be mixed with other payload kinds in one request", field="groups")
         kinds = set(kinds) or {"stats"}
-        measure = self.measure or PAYLOAD_DEFAULTS[min(kinds)][0]
+        # The kind whose defaults the echo reports: a request mixing logits or stats with
+        # top-k rollouts reports top-k's (the bounded) estimator.
+        primary = "tokens" if "tokens" in kinds else "top_k" if "top_k" in kinds else "stats"
+        measure = self.measure or PAYLOAD_DEFAULTS[primary][0]
 
         def default_estimator(kind: str) -> str:
             if measure in LOGIT_MEASURES and kind in ("stats", "tokens"):
                 return "exact"
             return PAYLOAD_DEFAULTS[kind][1]
 
-        # A request mixing logits and top-k rollouts reports top-k's (the bounded) estimator.
-        estimator = self.estimator or default_estimator("top_k" if "top_k" in kinds else min(kinds))
+        estimator = self.estimator or default_estimator(primary)
         for kind in sorted(kinds):
             why = check_combination(kind, measure, self.estimator or default_estimator(kind))
             if why:
@@ -206,9 +213,10 @@ def score(
 
     entropy, strength: [T] values of all rollouts concatenated: H (nats) and S of
     ``config.measure`` (by default logit_grad: G, ``token_stats(...).grad_norm``);
-    lengths: tokens per rollout; group_sizes: rollouts per group; rewards: per rollout, or None (verifier-free); token_ids: optional [T]
-    emitted ids, for the fingerprint over distinct tokens; logit_grad: optional [T] G when
-    S is another measure, for the comparison fingerprint ``Scores.logit_grad``.
+    lengths: tokens per rollout; group_sizes: rollouts per group; rewards: per rollout, or
+    None (verifier-free); token_ids: optional [T] emitted ids, for the fingerprint over
+    distinct tokens; logit_grad: optional [T] G when S is another measure, for the
+    comparison fingerprint ``Scores.logit_grad``.
     """
     config = config or ScoreConfig()
     if not config.resolved:
