@@ -196,7 +196,7 @@ UNARY_CASES = {
     "tokens mixed with stats": (
         request([stats_rollout(), pb.Rollout(reward=1.0, tokens=pb.TokensPayload(prompt_ids=t([1], I64), response_ids=t([2], I64)))]),
         INVALID,
-        "tokens payloads cannot be mixed with other payload kinds",
+        "groups: tokens payloads cannot be mixed with other payload kinds",
     ),
     "too many tokens": (
         request([stats_rollout(n=200_001)]),

@@ -211,7 +211,9 @@ def _resolved(config: ScoreConfig, kinds: set[str], path: str = "config") -> Sco
     try:
         return config.resolve(kinds)
     except corrpo.ConfigError as err:
-        raise invalid(f"{path}.{err.field}: {err.message}") from None
+        # A setting at fault is under the config; a mix of payload kinds is the groups' fault.
+        where = err.field if err.field == "groups" else f"{path}.{err.field}"
+        raise invalid(f"{where}: {err.message}") from None
 
 
 def from_score_request(

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 import corrpo
+from corrpo.measures import LOGIT_MEASURES
 from corrpo.scoring import ScoreConfig
 
 from .batch import ScoredTokens
@@ -161,7 +162,7 @@ class PolicyModel:
                 ids[b, :n] = np.concatenate([prompt, response])
                 mask[b, :n] = 1
                 positions.append(np.arange(len(prompt), n))
-            logit_space = config.measure in ("logit_grad", "head_logit_grad")
+            logit_space = config.measure in LOGIT_MEASURES
             measures = (config.measure,) if config.measure == "logit_grad" else (config.measure, "logit_grad")
             out = token_strengths(
                 current.model,
