@@ -32,7 +32,7 @@ fp --model "$SMOLLM2" --responses "$OUT/smollm2/responses.jsonl" --objective log
     "${MEASURES[@]}" --label "SmolLM2-135M-Instruct, logprob objective" --out "$OUT/smollm2-logprob" &
 # 3. Our trainer's model (make demo's settings) after SFT, and at its initialisation (before SFT),
 #    on its own greedy answers to 24 held-out addition problems.
-( "$BIN/corrpo-train" run --config configs/demo.toml --rl-steps 0 --threads 1 --out "$OUT/train" > "$OUT/train.log" 2>&1
+( "$BIN/corrpo-train" run --config configs/demo.toml --sft-steps 320 --rl-steps 0 --strength logit_grad --threads 1 --out "$OUT/train" > "$OUT/train.log" 2>&1
   fp --model "$OUT/train/sft.pt" --prompts examples/fingerprint/addition.jsonl --max-new-tokens 48 \
       "${MEASURES[@]}" --label "trainer, after SFT" --out "$OUT/train-sft"
   fp --model "$OUT/train/sft.pt" --responses "$OUT/train-sft/responses.jsonl" --random-init \
