@@ -80,11 +80,10 @@ bench: native $(VENV)/.test-deps
 bench-gpu: native $(VENV)/.test-deps
 	$(PY) bench/bench_gpu.py
 
-# The CPU study of docs/results.md (about 15 minutes on 2 cores).
-# The study of docs/results.md (about 30 minutes on 2 cores), then the SFT table and plot.
+# The study of docs/results.md (about 40 minutes on 2 cores), then the SFT table and plot.
 study: native $(VENV)/.train-deps
 	$(VENV)/bin/corrpo-train study --config configs/study-paper.toml --seeds 0 1 2 --out runs/study-paper \
-		--arms grpo corrpo corrpo-gated:method=corrpo,gate=correct \
+		--arms grpo corrpo corrpo-gated:method=corrpo,gate=correct corrpo-exact:method=corrpo,strength=exact \
 		corrpo-logit-grad:method=corrpo,strength=logit_grad \
 		corrpo-logit-grad-gated:method=corrpo,strength=logit_grad,gate=correct
 	$(PY) examples/study/sft_fingerprint.py runs/study-paper

@@ -23,7 +23,7 @@ TINY = [
     "--model", "tiny", "--digits", "2", "--eval-size", "64",
     "--sft-steps", str(SFT), "--rl-steps", str(RL), "--sft-batch", "32",
     "--prompts-per-step", "4", "--group-size", "4",
-    "--eval-every", "10", "--checkpoint-every", "4", "--threads", "1",
+    "--eval-every", "10", "--checkpoint-every", "4", "--threads", "1", "--gate", "none",
 ]  # fmt: skip
 ENV = {**os.environ, "RAYON_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

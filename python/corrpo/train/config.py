@@ -51,7 +51,9 @@ class TrainConfig:
     # CorR-PO (SPEC 5); grpo is the same loop with coef 0, still scored by the server
     method: str = "corrpo"
     coef: float = 0.1
-    gate: str = "none"  # none | correct
+    # correct | none. Not SPEC 5's wire default (none): ungated CorR-PO collapsed the weakest
+    # policy of docs/results.md's study with the paper's measure (and two of three with G).
+    gate: str = "correct"
     advantage: str = "grpo"  # grpo | drgrpo
     min_tokens: int = 8
     # The per-token strength S correlated with entropy: the paper's parameter-space measure
