@@ -134,9 +134,7 @@ class PolicyModel:
     ) -> ScoredTokens:
         """H, S of ``config.measure`` and G of every response token (a subsample for the
         subsample estimator), in rollout order."""
-        import torch
-
-        from corrpo.gradients import token_strengths
+        from corrpo.gradients import response_strengths
 
         with self._use:
             current = self._current
@@ -153,25 +151,14 @@ class PolicyModel:
                         raise invalid(
                             f"{path}.tokens.{name}[{bad[0]}] is {ids[bad[0]]}, outside the model's vocabulary of {current.vocab_size}"
                         )
-            width = max(len(p) + len(r) for p, r in rollouts)
-            ids = np.zeros((len(rollouts), width), dtype=np.int64)
-            mask = np.zeros_like(ids)
-            positions = []
-            for b, (prompt, response) in enumerate(rollouts):
-                n = len(prompt) + len(response)
-                ids[b, :n] = np.concatenate([prompt, response])
-                mask[b, :n] = 1
-                positions.append(np.arange(len(prompt), n))
             logit_space = config.measure in LOGIT_MEASURES
-            measures = (config.measure,) if config.measure == "logit_grad" else (config.measure, "logit_grad")
-            out = token_strengths(
+            out = response_strengths(
                 current.model,
-                torch.from_numpy(ids),
-                positions,
+                [p for p, _ in rollouts],
+                [r for _, r in rollouts],
                 objective=config.objective or "logit",
-                measures=measures,
+                measures=tuple(dict.fromkeys((config.measure, "logit_grad"))),
                 estimator="logit_grad" if logit_space else config.estimator,
-                attention_mask=torch.from_numpy(mask),
                 k=config.estimator_k,
                 seed=config.estimator_seed,
                 progress=lambda _n: alive(),

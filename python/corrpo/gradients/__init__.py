@@ -11,6 +11,15 @@ not import this package.
 from .architecture import ArchitectureError
 from ..measures import MEASURES, OBJECTIVES
 from .result import ESTIMATORS, TokenStrengths
-from .strengths import check_settings, token_strengths
+from .strengths import check_settings, response_strengths, token_strengths
 
-__all__ = ["ESTIMATORS", "MEASURES", "OBJECTIVES", "ArchitectureError", "TokenStrengths", "check_settings", "token_strengths"]
+__all__ = [
+    "ESTIMATORS",
+    "MEASURES",
+    "OBJECTIVES",
+    "ArchitectureError",
+    "TokenStrengths",
+    "check_settings",
+    "response_strengths",
+    "token_strengths",
+]

@@ -111,6 +111,25 @@ def token_strengths(
     return _assemble(pieces, chosen, ids, objective, estimator, wanted, arch.block_names, blocks)
 
 
+def response_strengths(model: nn.Module, prompt_ids: Sequence[Any], response_ids: Sequence[Any], **settings: Any) -> TokenStrengths:
+    """``token_strengths`` of every response token of (prompt, response) pairs of ragged
+    lengths: the pairs are right-padded into one batch with its attention mask, and token t
+    of a response is predicted from its prompt and the response before it. ``settings``:
+    those of ``token_strengths`` (objective, measures, estimator, k, seed, ...)."""
+    rows = [np.concatenate([np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64)]) for p, r in zip(prompt_ids, response_ids)]
+    if len(rows) != len(prompt_ids) or len(rows) != len(response_ids):
+        raise ShapeError(f"{len(prompt_ids)} prompts for {len(response_ids)} responses", field="prompt_ids")
+    width = max((len(r) for r in rows), default=0)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    positions = []
+    for b, (row, prompt) in enumerate(zip(rows, prompt_ids)):
+        ids[b, : len(row)] = row
+        mask[b, : len(row)] = 1
+        positions.append(np.arange(len(prompt), len(row)))
+    return token_strengths(model, torch.from_numpy(ids), positions, attention_mask=torch.from_numpy(mask), **settings)
+
+
 def check_settings(
     *,
     objective: str = "logit",

@@ -92,27 +92,16 @@ class CorrpoReward:
 
     def strengths(self, prompt_ids: list[list[int]], completion_ids: Sequence[Sequence[int]], seed: int) -> dict[str, Any]:
         """Per completion token H (nats), S and G on the model, in completion order."""
-        import torch
+        from ..gradients import response_strengths
 
-        from ..gradients import token_strengths
-
-        rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r)
-            mask[b, : len(r)] = 1
-        positions = [np.arange(len(p), len(p) + len(c)) for p, c in zip(prompt_ids, completion_ids)]
         logit_space = self.measure == "logit_grad"
-        out = token_strengths(
+        out = response_strengths(
             self.model,
-            ids,
-            positions,
+            prompt_ids,
+            completion_ids,
             objective=self.objective or "logit",
-            measures=("logit_grad",) if logit_space else (self.measure, "logit_grad"),
+            measures=tuple(dict.fromkeys((self.measure, "logit_grad"))),
             estimator="logit_grad" if logit_space else self.estimator,
-            attention_mask=mask,
             k=self.estimator_k,
             seed=seed,
         )
