@@ -163,7 +163,7 @@ def test_expired_deadline_stops_the_stream(fresh_server):
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_exits_0():
-    server = ServerProcess()
+    server = ServerProcess("--metrics-port", "0")
     held = HeldStream(seed=5)
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -171,6 +171,9 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0():
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         future = pb_grpc.RewardServiceStub(channel).ScoreLogitsStream.future(held.messages(), timeout=60)
         assert held.sent_first.wait(10)
+        # SIGTERM only once the server has the request: sent is not received (a drain
+        # refuses RPCs that arrive after it began, which a busy machine showed).
+        assert wait_for(lambda: received_bytes(server) == held.rows_before * VOCAB * 4), metrics(server)
         server.signal(signal.SIGTERM)
         # Draining: the health service turns NOT_SERVING while the request goes on.
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
