@@ -16,7 +16,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .model import SIZES
-from .strengths import STRENGTHS
+from .strengths import MEASURE, STRENGTHS
 from .task import TASKS
 
 METHODS = ("grpo", "corrpo")
@@ -110,7 +110,7 @@ class TrainConfig:
     @property
     def measure(self) -> str:
         """The measure the run's rho is of."""
-        return "logit_grad" if self.strength == "logit_grad" else "l1_mean"
+        return "logit_grad" if self.strength == "logit_grad" else MEASURE
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

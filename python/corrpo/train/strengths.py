@@ -22,10 +22,6 @@ STRENGTHS = ("logit_grad", "exact", "subsample", "jvp", "last_block")
 MEASURE = "l1_mean"
 
 
-def measure_of(strength: str) -> str:
-    return "logit_grad" if strength == "logit_grad" else MEASURE
-
-
 @dataclass
 class Strengths:
     """Scored tokens of a batch of rollouts, concatenated in rollout order: H (nats), S of the
