@@ -9,6 +9,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(abspath $(VENV)/bin/python)
 export PYO3_PYTHON := $(PY)
+# torch and its CUDA libraries are about 6 GB installed; pip's cache would keep a second,
+# compressed copy (about 3 GB) that a fresh machine never reads again. Set
+# PIP_NO_CACHE_DIR=0 to keep it.
+export PIP_NO_CACHE_DIR ?= 1
 
 .PHONY: demo test native proto proto-check lint test-rust test-python bench bench-gpu study fingerprint fingerprint-study clean
 
@@ -21,7 +25,7 @@ $(PY):
 native: $(PY)
 	$(PY) -m pip install -q --no-build-isolation -e '.[grpc]' -e ./server
 
-# The trainer's extra (torch among it: a large first download; pip's cache serves later runs).
+# The trainer's extra (torch among it: a large first download).
 $(VENV)/.train-deps: pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-build-isolation -e '.[train]' -e ./server
 	touch $@
