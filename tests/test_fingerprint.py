@@ -20,7 +20,7 @@ pytest.importorskip("matplotlib")
 stats = pytest.importorskip("scipy.stats")
 
 from corrpo.fingerprinting import read_tokens_csv  # noqa: E402
-from tiny_models import build_tiny_model  # noqa: E402
+from corrpo.testing import build_tiny_model  # noqa: E402
 
 MEASURES = ["l1_mean", "nuclear_qkvo", "frobenius", "logit_grad", "head_logit_grad"]
 

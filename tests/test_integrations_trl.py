@@ -16,7 +16,7 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 import corrpo  # noqa: E402
-from tiny_models import build_tiny_model  # noqa: E402
+from corrpo.testing import build_tiny_model  # noqa: E402
 
 
 def reference(model, tokenizer, prompts, completion_ids, rewards, settings: dict) -> np.ndarray:

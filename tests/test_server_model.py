@@ -23,7 +23,7 @@ import corrpo  # noqa: E402
 from corrpo.client import RewardClient  # noqa: E402
 from corrpo_server.process import ServerProcess  # noqa: E402
 from grpc_health.v1 import health_pb2  # noqa: E402
-from tiny_models import build_tiny_model  # noqa: E402
+from corrpo.testing import build_tiny_model  # noqa: E402
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:

@@ -1,11 +1,14 @@
-"""Tiny random Hugging Face models with a tokenizer trained here (no downloads), for the tests
-of corrpo.gradients' users: the fingerprint tool and the model-backed server."""
+"""Tiny random Hugging Face models with a tokenizer trained here (no downloads): what corrpo's
+tests and its CPU examples (examples/integrations) run on. Needs transformers and tokenizers
+(``corrpo[gradients]``).
+
+    from corrpo.testing import build_tiny_model
+    build_tiny_model("tiny")            # then AutoModelForCausalLM.from_pretrained("tiny")
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
 
 TEXTS = [
     "the cat sat on the mat",
@@ -16,10 +19,11 @@ TEXTS = [
 ]
 
 
-def build_tiny_model(path: Path, seed: int = 0, vocab_extra: int = 0) -> None:
+def build_tiny_model(path: str | Path, seed: int = 0, vocab_extra: int = 0) -> None:
     """A 2-block random Llama (weights scaled up so that entropies and strengths vary) and a
     WordLevel tokenizer trained on a few strings, with a chat template. ``seed`` draws the
     weights; ``vocab_extra`` adds unused rows to the vocabulary (another model's shape)."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
