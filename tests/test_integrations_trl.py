@@ -84,3 +84,28 @@ def test_grpo_trainer_rewards_are_corrpos(tmp_path, server):
     assert max(checked) > 0, "the CorR-PO term changed some reward"
     logged = [entry for entry in trainer.state.log_history if "corrpo/rho_pooled" in entry]
     assert len(logged) == 3 and all(-1 <= e["corrpo/rho_pooled"] <= 1 for e in logged)
+
+
+def test_verifier_free_rewards_are_minus_coef_rho(tmp_path, server):
+    """Without a verifier, r = 0 and the gate defaults to none (``correct`` needs rewards):
+    the rewards are -coef * rho, as corrpo computes them in-process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corrpo.client import RewardClient
+    from corrpo.integrations.trl import CorrpoReward
+
+    build_tiny_model(tmp_path / "model", seed=1)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    prompts = ["the cat sat on"] * 4 + ["two plus three is"] * 4
+    rng = np.random.default_rng(0)
+    completion_ids = [rng.integers(4, len(tokenizer), size=int(n)).tolist() for n in rng.integers(5, 12, size=8)]
+    completions = tokenizer.batch_decode(completion_ids)
+    with RewardClient(server.target) as client:
+        reward = CorrpoReward(model, tokenizer, client, num_generations=4, estimator="exact", coef=0.3, min_tokens=4)
+        got = reward(prompts, completions, completion_ids)
+    assert reward.last.config.gate == "none"
+    want = reference(model, tokenizer, prompts, completion_ids, None, {"coef": 0.3, "gate": "none", "min_tokens": 4})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, -0.3 * np.nan_to_num(reward.last.rho), rtol=1e-6, atol=1e-9)
+    assert np.count_nonzero(got) >= 6

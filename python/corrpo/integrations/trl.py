@@ -41,7 +41,8 @@ class CorrpoReward:
     num_generations: GRPOConfig's. measure, estimator, objective, estimator_k: of S (see
         ``corrpo.ScoreConfig``; default the paper's ``l1_mean`` by ``subsample``).
     settings: any other ``ScoreConfig`` setting sent with every request (coef, gate, ...);
-        gate defaults to ``correct`` (ungated CorR-PO collapsed weak policies in our study).
+        gate defaults to ``correct`` with a verifier (ungated CorR-PO collapsed weak policies in
+        our study) and to ``none`` without one (``correct`` needs the verifier's rewards).
     chat_template_kwargs: GRPOConfig's, for conversational prompts.
     """
 
@@ -78,7 +79,7 @@ class CorrpoReward:
         self.objective = None if measure == "logit_grad" else objective
         self.estimator_k = estimator_k
         self.chat_template_kwargs = chat_template_kwargs or {}
-        self.settings = {"gate": "correct", **settings}
+        self.settings = {"gate": "correct" if verifier is not None else "none", **settings}
         self.calls = 0
 
     def prompt_ids(self, prompts: Sequence[Any]) -> list[list[int]]:
