@@ -1,5 +1,16 @@
-"""Adapters between corrpo and the RL stacks it plugs into. Each submodule imports its stack
-only when used (most import none at all), so ``import corrpo`` stays light.
+"""Adapters between corrpo and the RL stacks it plugs into (docs/integrations.md). Each
+submodule imports its stack only when used, so ``import corrpo`` stays light.
 
+- ``corrpo.integrations.trl``: a ``GRPOTrainer`` reward function with the CorR-PO term.
+- ``corrpo.integrations.verl``: reward managers and the ``corrpo_grpo`` advantage estimator,
+  registered with verl's own decorators (imports verl).
+- ``corrpo.integrations.openrlhf``: OpenRLHF's remote reward model (HTTP) and its
+  ``reward_func`` file form.
+- ``corrpo.integrations.slime``: slime's ``--custom-rm-path`` and
+  ``--custom-advantage-function-path`` functions (imports nothing of slime).
 - ``corrpo.integrations.sglang``: SGLang ``/generate`` responses as corrpo payloads.
+- ``corrpo.integrations.sglang_plugin``: an SGLang server plugin (``CORRPO_SGLANG_STATS=1``)
+  that returns exact per-token H and G in ``meta_info``.
+- ``corrpo.integrations.sglang_server``: a local SGLang server in a child process (tests,
+  examples).
 """

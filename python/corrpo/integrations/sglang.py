@@ -7,13 +7,16 @@ plain data (SGLang 0.5.x, ``meta_info`` entries ``[logprob, token_id, text]``).
         "return_logprob": True, "top_logprobs_num": 20}).json()
     rollouts = parse_generate(response, n=8)
     scores = client.score(**rollouts.top_k_payload(vocab_size), rewards=rewards)   # bounds of H, G
+    scores = client.score(**rollouts.stats_payload(), rewards=rewards)             # exact H, G (plugin on)
     scores = client.score(**rollouts.tokens_payload(prompts), rewards=rewards)     # the paper's measure
 
 What the top-k path can and cannot give: SGLang's logprobs are of the distribution after
 penalties and temperature, before top-p (set temperature 1, or ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``
 on the server, for the policy's own), and the top-k only bound H and G (``Scores.top_k``).
-The paper's parameter-space measure needs the model: send ``tokens_payload`` to a
-corrpo-server started with ``--model``.
+With corrpo's SGLang plugin on (``CORRPO_SGLANG_STATS=1`` in the server's environment;
+``corrpo.integrations.sglang_plugin``) every output also carries the exact H and G of each
+token, and ``stats_payload()`` sends those. The paper's parameter-space measure needs the
+model: send ``tokens_payload`` to a corrpo-server started with ``--model``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ import numpy as np
 
 from ..errors import ShapeError
 
+# The meta_info keys of corrpo's SGLang plugin (corrpo.integrations.sglang_plugin): per
+# output token, H and G of the policy's distribution (temperature 1) and log p of the token.
+STATS_KEYS = ("corrpo_entropy", "corrpo_grad_norm", "corrpo_logprob")
+
 
 @dataclass(frozen=True)
 class GeneratedRollouts:
@@ -37,6 +44,9 @@ class GeneratedRollouts:
         request did not ask for logprobs; top_logprobs, top_token_ids: [T_i, k], or None
         without ``top_logprobs_num``; group_sizes: rollouts per prompt; finish_reasons and
         weight_versions: per rollout, as SGLang reported them.
+    entropy, grad_norm, policy_logprob: float64 [T_i], the exact H, G and log p of each
+        token under the policy's distribution (temperature 1), from corrpo's SGLang plugin;
+        None when the server did not run it. NaN where the plugin could not reduce a row.
     """
 
     output_ids: list[np.ndarray]
@@ -46,6 +56,9 @@ class GeneratedRollouts:
     group_sizes: list[int]
     finish_reasons: list[Any]
     weight_versions: list[str | None]
+    entropy: list[np.ndarray] | None = None
+    grad_norm: list[np.ndarray] | None = None
+    policy_logprob: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.output_ids)
@@ -60,6 +73,22 @@ class GeneratedRollouts:
             "logprob": self.logprob,
             "token_ids": self.output_ids,
             "vocab_size": int(vocab_size),
+            "group_sizes": self.group_sizes,
+        }
+
+    def stats_payload(self) -> dict[str, Any]:
+        """Keyword arguments of ``RewardClient.score`` for stats payloads: the exact H and G
+        that corrpo's SGLang plugin computed from the live logits (measure ``logit_grad``)."""
+        if self.entropy is None or self.grad_norm is None:
+            raise ValueError(
+                "the response has no corrpo statistics: start SGLang with CORRPO_SGLANG_STATS=1 in its environment "
+                "(corrpo's plugin, corrpo.integrations.sglang_plugin)"
+            )
+        return {
+            "entropy": self.entropy,
+            "grad_norm": self.grad_norm,
+            "logprob": self.policy_logprob,
+            "token_ids": self.output_ids,
             "group_sizes": self.group_sizes,
         }
 
@@ -99,6 +128,24 @@ def _entries(rows: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     if any(not isinstance(e, (list, tuple)) or len(e) < 2 for e in rows):
         raise ShapeError(f"{where}: entries must be [logprob, token_id, text]")
     return np.array([e[0] for e in rows], dtype=np.float64), np.array([e[1] for e in rows], dtype=np.int64)
+
+
+def _plugin_stats(meta: dict[str, Any], length: int, where: str) -> tuple[np.ndarray, ...] | None:
+    """The plugin's per-token columns (STATS_KEYS order), or None without them."""
+    present = [key in meta for key in STATS_KEYS]
+    if not any(present):
+        return None
+    if not all(present):
+        raise ShapeError(f"{where}: meta_info has only some of {', '.join(STATS_KEYS)}")
+    columns = []
+    for key in STATS_KEYS:
+        values = meta[key]
+        if not isinstance(values, (list, tuple)) or len(values) != length:
+            got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise ShapeError(f"{where}: meta_info[{key!r}] must hold one value per output token ({length}), got {got}")
+        # JSON has no NaN: SGLang writes the plugin's NaN as null.
+        columns.append(np.array([np.nan if v is None else v for v in values], dtype=np.float64))
+    return tuple(columns)
 
 
 def _rollout(item: dict[str, Any], i: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
@@ -144,10 +191,14 @@ def parse_generate(response: dict[str, Any] | Sequence[dict[str, Any]], n: int =
             (ids, lp, np.empty((0, k)), np.empty((0, k), np.int64)) if top is None and not len(ids) else (ids, lp, top, top_ids)
             for ids, lp, top, top_ids in parsed
         ]
+    stats = [_plugin_stats(item["meta_info"], len(p[0]), f"rollout {i}") for i, (item, p) in enumerate(zip(items, parsed))]
     has_lp = [p[1] is not None for p in parsed]
     has_top = [p[2] is not None for p in parsed]
     if len(set(has_lp)) > 1 or len(set(has_top)) > 1:
         raise ShapeError("some outputs carry logprobs and others do not: one request's outputs must agree")
+    if len({s is None for s in stats}) > 1:
+        raise ShapeError("some outputs carry corrpo statistics and others do not: one server's outputs must agree")
+    has_stats = stats[0] is not None
     return GeneratedRollouts(
         output_ids=[p[0] for p in parsed],
         logprob=[p[1] for p in parsed] if has_lp[0] else None,
@@ -156,4 +207,7 @@ def parse_generate(response: dict[str, Any] | Sequence[dict[str, Any]], n: int =
         group_sizes=[n] * (len(items) // n),
         finish_reasons=[item["meta_info"].get("finish_reason") for item in items],
         weight_versions=[item["meta_info"].get("weight_version") for item in items],
+        entropy=[s[0] for s in stats] if has_stats else None,
+        grad_norm=[s[1] for s in stats] if has_stats else None,
+        policy_logprob=[s[2] for s in stats] if has_stats else None,
     )
