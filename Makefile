@@ -1,8 +1,10 @@
 # The two commands a newcomer needs:
-#   make demo   build corrpo and corrpo-server in .venv, then a short CorR-PO training run
-#               (corrpo-train) against a reward server it starts, with a progress bar,
-#               ending with the summary table and the plot's path
-#   make test   build, then run every check: cargo fmt/clippy/test, proto stubs, pytest
+#   make demo   build corrpo and corrpo-server in .venv, then a short training run
+#               (corrpo-train study): SFT once, then GRPO and CorR-PO from that SFT model,
+#               scored by a reward server it starts, with a progress bar, ending with the
+#               table, a few lines on how to read it, and the plot's path
+#   make test   build, then run every check: cargo fmt/clippy/test, proto stubs, pytest,
+#               and make test-integrations (a real SGLang engine, in .venv-sglang)
 # Each installs what it needs itself (a venv under .venv, the native extension).
 
 PYTHON ?= python3
@@ -14,7 +16,7 @@ export PYO3_PYTHON := $(PY)
 # PIP_NO_CACHE_DIR=0 to keep it.
 export PIP_NO_CACHE_DIR ?= 1
 
-.PHONY: demo test native proto proto-check lint test-rust test-python bench bench-gpu study fingerprint fingerprint-study clean
+.PHONY: demo test test-integrations native proto proto-check lint test-rust test-python bench bench-gpu study fingerprint fingerprint-study clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +56,8 @@ $(VENV)/.gradients-deps: pyproject.toml | $(PY)
 DEMO_OUT ?= runs/demo
 demo: native $(VENV)/.train-deps
 	rm -rf $(DEMO_OUT)
-	@start=$$(date +%s); $(VENV)/bin/corrpo-train run --config configs/demo.toml --out $(DEMO_OUT) && \
+	@start=$$(date +%s); $(VENV)/bin/corrpo-train study --config configs/demo.toml --seeds 0 --arms grpo corrpo \
+		--out $(DEMO_OUT) && \
 		echo "make demo: the run took $$(( $$(date +%s) - start )) s (after the build)"
 
 # The Python stubs of proto/corrpo/v1, generated into python/corrpo/v1 (checked in).
@@ -81,7 +84,13 @@ test-rust:
 test-python: native $(VENV)/.test-deps $(VENV)/.stacks-deps
 	$(PY) -m pytest -q
 
-test: lint proto-check test-rust test-python
+# SGLang's engine and corrpo's plugin against it, in their own venv .venv-sglang (sglang 0.5.23
+# pinned, about 9.7 GB; without a GPU also a CPU stub of sgl_kernel): setup.sh is idempotent.
+test-integrations:
+	bash tests/sglang_engine/setup.sh
+	.venv-sglang/bin/python -m pytest -q tests/test_integrations_sglang_engine.py
+
+test: lint proto-check test-rust test-python test-integrations
 
 bench: native $(VENV)/.test-deps
 	$(PY) bench/bench_token_stats.py

@@ -203,6 +203,67 @@ UNARY_CASES = {
         EXHAUSTED,
         "more than 200000 tokens",
     ),
+    # Sizes from the wire that would overflow NumPy or a C long: refused before any use.
+    "empty logits of a vocabulary of 2**62": (
+        request([pb.Rollout(logits=pb.LogitsPayload(
+            logits=tensor_pb2.Tensor(dtype=F32, shape=[0, 2**62]), token_ids=t(np.zeros(0, np.int64), I64)
+        ))]),
+        INVALID,
+        "the product of the non-zero dimensions of groups[0].rollouts[0].logits.logits.shape [0, 4611686018427387904] "
+        "is 4611686018427387904; it must be in [0, 2147483648]",
+    ),
+    "empty rows of int64-max width": (
+        request([pb.Rollout(logits=pb.LogitsPayload(
+            logits=tensor_pb2.Tensor(dtype=F32, shape=[2**63 - 1, 0]), token_ids=t(np.zeros(0, np.int64), I64)
+        ))]),
+        INVALID,
+        "logits.logits.shape [9223372036854775807, 0] is 9223372036854775807",
+    ),
+    "dimensions whose product overflows int64": (
+        request([top_k_rollout(top_logprobs=tensor_pb2.Tensor(dtype=F32, shape=[2**40, 2**40]))]),
+        INVALID,
+        "groups[0].rollouts[0].top_k.top_logprobs.shape [1099511627776, 1099511627776] is 1208925819614629174706176",
+    ),
+    "empty top-k of k = 2**40": (
+        request([top_k_rollout(
+            top_logprobs=tensor_pb2.Tensor(dtype=F32, shape=[0, 2**40]),
+            top_token_ids=tensor_pb2.Tensor(dtype=I64, shape=[0, 2**40]),
+            logprob=t(np.zeros(0), F32), token_ids=t(np.zeros(0), I64),
+        )]),
+        INVALID,
+        "top_k.top_logprobs.shape [0, 1099511627776] is 1099511627776",
+    ),
+    "top-k vocabulary of 2**64 - 1": (
+        request([top_k_rollout(vocab_size=2**64 - 1)]),
+        INVALID,
+        "groups[0].rollouts[0].top_k.vocab_size is 18446744073709551615; it must be in [1, 2147483648]",
+    ),
+    "top-k vocabulary of 2**63": (
+        request([top_k_rollout(vocab_size=2**63)]),
+        INVALID,
+        "top_k.vocab_size is 9223372036854775808",
+    ),
+    # Finite rewards whose regularized value or group spread float64 cannot hold: refused by
+    # name, never NaN advantages with OK.
+    "regularized reward overflows": (
+        # entropy == grad_norm: rho = +1, so r~ = 1.7e308 + 1.7e308.
+        request(
+            [stats_rollout(reward=1.7e308, grad_norm=t(np.arange(10.0), F32), entropy=t(np.arange(10.0), F32)),
+             stats_rollout(reward=0.0)],
+            config=pb.ScoreConfig(coef=-1.7e308),
+        ),
+        INVALID,
+        "groups[0].rollouts[0].reward: r - coef * rho = 1.7e308 - -1.7e308 * 1 overflows float64",
+    ),
+    "drgrpo advantage overflows": (
+        request(
+            [stats_rollout(reward=1.0)],
+            [stats_rollout(reward=1.7e308), stats_rollout(reward=-1.7e308), stats_rollout(reward=-1.7e308)],
+            config=pb.ScoreConfig(coef=0.0, advantage=pb.ADVANTAGE_MODE_DRGRPO),
+        ),
+        INVALID,
+        "groups[1].rollouts[0].reward: its drgrpo advantage (r~ minus the mean of its group) overflows float64",
+    ),
 }
 
 
@@ -305,6 +366,104 @@ def test_stream_over_the_token_limit(channel):
     )
 
 
+def layout(counts, vocab=9, **overrides) -> pb.ScoreLogitsStreamRequest:
+    """A header whose rollouts declare ``counts`` tokens (no token ids sent)."""
+    message = pb.LogitsStreamHeader(**{"request_id": "stream", "dtype": F32, "vocab_size": vocab, **overrides})
+    message.groups.add().rollouts.extend(pb.RolloutLayout(num_tokens=n, reward=1.0) for n in counts)
+    return pb.ScoreLogitsStreamRequest(header=message)
+
+
+# Counts and vocabulary sizes of a stream header that do not fit a C long, or a message.
+STREAM_SIZE_CASES = {
+    "a count of 2**64 - 1": (layout([2**64 - 1]), EXHAUSTED, "the stream declares 18446744073709551615 tokens"),
+    "counts summing past int64": (layout([2**63 - 1, 2**63 - 1]), EXHAUSTED, "declares 18446744073709551614 tokens"),
+    "a vocabulary of 2**64 - 1": (
+        layout([3], vocab=2**64 - 1),
+        INVALID,
+        "header.vocab_size is 18446744073709551615; it must be in [1, 2147483648]",
+    ),
+    "a vocabulary of 0": (layout([3], vocab=0), INVALID, "header.vocab_size is 0; it must be in [1, 2147483648]"),
+    "rows larger than any message": (
+        header(vocab=2**31),
+        EXHAUSTED,
+        "one row of logits is 2147483648 x 4 = 8589934592 bytes, more than the server's largest message (16777216 bytes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAM_SIZE_CASES), ids=list(STREAM_SIZE_CASES))
+def test_stream_sizes_out_of_range(channel, case):
+    message, code, needle = STREAM_SIZE_CASES[case]
+    assert_fails(channel, "ScoreLogitsStream", iter([message.SerializeToString()]), code, needle, True)
+
+
+def test_long_inputs_are_quoted_short(channel):
+    """A message that echoes its input stays far below gRPC's metadata limit (8-16 KiB),
+    past which the client would see a transport error instead of the status."""
+    wide = request([stats_rollout(entropy=tensor_pb2.Tensor(dtype=F32, shape=[1] * 10_000, data=b"\0" * 4))])
+    with pytest.raises(grpc.RpcError) as info:
+        raw_call(channel, "Score", wide.SerializeToString())
+    assert info.value.code() == INVALID
+    details = info.value.details()
+    assert details == (
+        "groups[0].rollouts[0].stats.entropy.shape must have 1 dimension(s), got [1, 1, 1, 1, 1, 1, 1, 1, ...] "
+        "(10000 dimensions)"
+    )
+
+
+@pytest.mark.parametrize("text", ["x" * 30_000, "é" * 20_000, "shape [0, 1]"])
+def test_every_status_message_is_capped(text):
+    """Whatever raised it (a path echoed by ReloadWeights, a future message), the one place
+    that turns errors into statuses caps them: the start, an ellipsis and the total size."""
+    from corrpo_server.failure import invalid
+    from corrpo_server.observe import MAX_DETAILS, Record, _outcome
+
+    code, message = _outcome(invalid(f"path: {text!r} is no model"), None, Record(rpc="Score", peer="test"))
+    assert code == INVALID and len(message.encode()) <= MAX_DETAILS == 512
+    full = f"path: {text!r} is no model"
+    if len(full.encode()) <= MAX_DETAILS:
+        assert message == full
+    else:
+        assert message.startswith("path: '" + text[:100]) and message.endswith(f"... ({len(full.encode())} bytes in all)")
+
+
+@pytest.mark.parametrize("advantage", [pb.ADVANTAGE_MODE_GRPO, pb.ADVANTAGE_MODE_DRGRPO])
+def test_rewards_near_the_float64_limit(channel, advantage):
+    """Rewards whose sum or spread overflow a textbook mean and std: finite advantages, equal
+    to the float64 formula on the rewards scaled down by 2**1000 (Dr. GRPO's scaled back)."""
+    rewards = [1.7e308, -0.1e308, 0.9e308, 1.1e308]
+    rollouts = [stats_rollout(seed=i, reward=r) for i, r in enumerate(rewards)]
+    config = pb.ScoreConfig(coef=0.0, advantage=advantage)
+    reply = pb.ScoreResponse.FromString(raw_call(channel, "Score", request(rollouts, config=config).SerializeToString()))
+    got = np.array([r.advantage for r in reply.result.groups[0].rollouts])
+    scale = 2.0**-1000
+    x = np.array(rewards) * scale
+    if advantage == pb.ADVANTAGE_MODE_GRPO:
+        want = (x - x.mean()) / (x.std(ddof=1) + 1e-6 * scale)
+    else:
+        want = (x - x.mean()) / scale
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_array_equal([r.reward for r in reply.result.groups[0].rollouts], rewards)
+
+
+def test_pearson_of_statistics_near_the_float64_limit(channel):
+    """Entropies about 1e308 (finite, so accepted): Pearson's sums of squares would overflow
+    into a NaN rho reported as defined; rho and the means must be those of the values scaled."""
+    rng = np.random.default_rng(4)
+    h = rng.uniform(0.5, 1.0, 12)
+    g = 0.3 * h + rng.uniform(0, 0.2, 12)
+    rollout = stats_rollout(entropy=t(h * 2.0**1020, tensor_pb2.DTYPE_FLOAT64), grad_norm=t(g, tensor_pb2.DTYPE_FLOAT64))
+    config = pb.ScoreConfig(method=pb.METHOD_PEARSON)
+    reply = pb.ScoreResponse.FromString(raw_call(channel, "Score", request([rollout], config=config).SerializeToString()))
+    result = reply.result.groups[0].rollouts[0]
+    assert result.rho_status == pb.RHO_STATUS_DEFINED
+    np.testing.assert_allclose(result.rho, np.corrcoef(h, g)[0, 1], rtol=1e-12)
+    np.testing.assert_allclose(result.entropy_mean, h.mean() * 2.0**1020, rtol=1e-12)
+    np.testing.assert_allclose(reply.result.fingerprint.rho_pooled, np.corrcoef(h, g)[0, 1], rtol=1e-12)
+    np.testing.assert_allclose(reply.result.fingerprint.entropy_mean, h.mean() * 2.0**1020, rtol=1e-12)
+
+
 @given(st.binary(max_size=2048))
 def test_block_view_reads_plain_blocks_like_protobuf(data):
     raw = pb.ScoreLogitsStreamRequest(block=pb.LogitsBlock(data=data)).SerializeToString()
@@ -380,7 +539,120 @@ def test_malformed_streams_never_unknown(channel, messages):
         assert err.code() in ALLOWED, (err.code(), err.details())
 
 
+# Sizes and counts anywhere in their wire type's range, near the edges most often.
+def _edges(bits: int, signed: bool):
+    top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    edges = [0, 1, 2, 2**31, 2**32 - 1, 2**62, top, top - 1] + ([-1, -top - 1] if signed else [])
+    return st.sampled_from([e for e in edges if e <= top]) | st.integers(-top - 1 if signed else 0, top)
+
+
+def _filled(dtype: int, shape: list[int], value: float) -> tensor_pb2.Tensor:
+    """A tensor whose bytes fit its shape where that is small (else none: only an empty
+    shape then decodes), so that the sizes, not the byte counts, are what gets tested."""
+    n = int(np.prod([max(d, 0) for d in shape], dtype=object))
+    data = np.full(n, value, wire.element(dtype)).tobytes() if n <= 64 else b""
+    return tensor_pb2.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+F64 = tensor_pb2.DTYPE_FLOAT64
+rows = st.sampled_from([0, 0, 1, 3])  # tokens of a rollout: often none, so any width decodes
+widths = st.sampled_from([1, 3]) | _edges(64, True)
+extreme = st.sampled_from([0.0, 0.5, 5e-324, 3.4e38, 1e308, 1.7e308])
+
+
+@st.composite
+def huge_payloads(draw) -> pb.Rollout:
+    n, kind = draw(rows), draw(st.sampled_from(["stats", "logits", "top_k", "tokens", "chaos"]))
+    if kind == "stats":
+        return pb.Rollout(stats=pb.TokenStatsPayload(
+            entropy=_filled(F64, [n], draw(extreme)), grad_norm=_filled(F64, [n], draw(extreme))
+        ))
+    if kind == "logits":
+        return pb.Rollout(logits=pb.LogitsPayload(
+            logits=_filled(F32, [n, draw(widths)], 0.0), token_ids=_filled(I64, [n], 0)
+        ))
+    if kind == "top_k":
+        k = draw(widths)
+        return pb.Rollout(top_k=pb.TopKPayload(
+            top_logprobs=_filled(F32, [n, k], -0.1), top_token_ids=_filled(I64, [n, k], 0),
+            logprob=_filled(F32, [n], -0.1), token_ids=_filled(I64, [n], 0), vocab_size=draw(_edges(64, False)),
+        ))
+    if kind == "tokens":
+        return pb.Rollout(tokens=pb.TokensPayload(
+            prompt_ids=_filled(I64, [draw(widths)], 1), response_ids=_filled(I64, [n], 1)
+        ))
+    shapes = st.lists(_edges(64, True), min_size=1, max_size=3)
+    return pb.Rollout(logits=pb.LogitsPayload(
+        logits=tensor_pb2.Tensor(dtype=F32, shape=draw(shapes)), token_ids=tensor_pb2.Tensor(dtype=I64, shape=draw(shapes))
+    ))
+
+
+huge_rewards = st.none() | st.sampled_from([1.7e308, -1.7e308, 1e308, 5e-324, 0.0]) | st.floats(allow_nan=False)
+huge_configs = st.builds(
+    pb.ScoreConfig,
+    min_tokens=st.sampled_from([2, 3]) | _edges(32, False),
+    coef=st.sampled_from([1.7e308, -1.7e308, 0.1]) | st.floats(allow_nan=False),
+    advantage=st.integers(0, 3),
+    method=st.integers(0, 2),
+    # Mostly unset: a k is refused for the default (exact) estimator before any payload is read.
+    estimator_k=st.none() | st.none() | _edges(32, False),
+    estimator_seed=_edges(64, False),
+)
+huge_rollouts = st.builds(_with_reward, huge_payloads(), huge_rewards)
+# The server under test holds no model: tokens payloads are FAILED_PRECONDITION.
+ANSWERED = ALLOWED | {grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def assert_no_silent_nan(result: pb.ScoreResult) -> None:
+    for group in result.groups:
+        for r in group.rollouts:
+            assert np.isfinite(r.reward) and np.isfinite(r.advantage), r
+            assert np.isnan(r.rho) != (r.rho_status == pb.RHO_STATUS_DEFINED), r
+
+
+@settings(max_examples=150)
+@given(huge_configs, st.lists(st.lists(huge_rollouts, min_size=1, max_size=3), min_size=1, max_size=2))
+def test_huge_sizes_and_values_never_internal(channel, config, groups):
+    try:
+        reply = raw_call(channel, "Score", request(*groups, config=config).SerializeToString())
+    except grpc.RpcError as err:
+        assert err.code() in ANSWERED, (err.code(), err.details())
+        assert len(err.details().encode()) <= 512
+    else:
+        assert_no_silent_nan(pb.ScoreResponse.FromString(reply).result)
+
+
+@settings(max_examples=100)
+@given(
+    st.lists(_edges(64, False), min_size=1, max_size=3),
+    _edges(64, False),
+    st.lists(huge_rewards, min_size=3, max_size=3),
+    huge_configs,
+    st.integers(0, 3),
+)
+def test_huge_stream_headers_never_internal(channel, counts, vocab, rewards, config, dtype):
+    message = layout(counts, vocab=vocab, config=config, dtype=dtype, token_ids=t(np.zeros(3, np.int64), I64))
+    for rollout, reward in zip(message.header.groups[0].rollouts, rewards):
+        rollout.ClearField("reward")
+        if reward is not None:
+            rollout.reward = reward
+    blocks = [message.SerializeToString(), block(np.zeros((3, 9))).SerializeToString()]
+    try:
+        reply = raw_call(channel, "ScoreLogitsStream", iter(blocks), streaming=True)
+    except grpc.RpcError as err:
+        assert err.code() in ALLOWED, (err.code(), err.details())
+    else:
+        assert_no_silent_nan(pb.ScoreLogitsStreamResponse.FromString(reply).result)
+
+
 def test_server_alive_after_malformed_requests(server, channel):
     assert server.process.poll() is None
     reply = pb.ScoreResponse.FromString(raw_call(channel, "Score", GOOD.SerializeToString()))
     assert reply.result.request_id == "bad-input"
+
+
+def test_no_traceback_in_the_logs(server, triton_server):
+    """Everything above was the client's fault: the servers logged no internal error."""
+    for process in (server, triton_server):
+        assert "Traceback" not in process.log()
+        assert not [e for e in process.events() if e.get("event") == "internal_error" or e.get("status") == "INTERNAL"]

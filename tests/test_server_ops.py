@@ -292,6 +292,10 @@ def test_concurrency_limit_is_resource_exhausted():
                 with pytest.raises(grpc.RpcError) as info:
                     _score_once(client)
                 assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "--max-concurrent-rpcs 1" in info.value.details()
+            # Health checks are never counted against the limit.
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING
             held.release.set()
             assert_same(wire.scores_from_proto(future.result().result), held.expected())
             with RewardClient(server.target) as client:
@@ -348,3 +352,165 @@ def test_no_arguments_serves_on_127_0_0_1_50051(tmp_path):
         assert process.wait(30) == 0
     serving = [json.loads(line) for line in process.stderr.read().splitlines() if '"serving"' in line]
     assert serving[0]["address"] == "127.0.0.1:50051" and serving[0]["backend"].startswith("cpu/")
+
+
+def _check_traceback_free(server: ServerProcess) -> None:
+    assert "Traceback" not in server.log()
+    assert not [e for e in requests_of(server) if e["status"] in ("INTERNAL", "UNKNOWN")]
+
+
+def _stalled_stream(channel: grpc.Channel, stop: threading.Event, timeout: float = 60):
+    """A ScoreLogitsStream that sends its header and then nothing until ``stop``."""
+    held = HeldStream(rows_before=0)
+    header = next(held.messages())
+
+    def messages():
+        yield header
+        stop.wait(timeout)
+
+    return pb_grpc.RewardServiceStub(channel).ScoreLogitsStream.future(messages(), timeout=timeout)
+
+
+def _in_flight(server: ServerProcess, rpc: str) -> float:
+    line = [x for x in metrics(server).splitlines() if x.startswith(f'corrpo_requests_in_flight{{rpc="{rpc}"}}')]
+    return float(line[0].split()[1]) if line else 0.0
+
+
+def test_stalled_streams_leave_health_and_a_fresh_score_served():
+    """Clients that open streams, send a header and then nothing fill the server's stream
+    slots. Health and a fresh Score are still answered within a second, a stream past the
+    limit is refused at once, and the stalled streams end with the idle timeout's status."""
+    args = ("--metrics-port", "0", "--max-concurrent-rpcs", "8", "--max-concurrent-streams", "6", "--stream-idle-timeout", "5")
+    stop = threading.Event()
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
+        try:
+            # As many stalled clients as --max-concurrent-rpcs: 6 take the stream slots.
+            stalled = [_stalled_stream(channel, stop) for _ in range(8)]
+            assert wait_for(lambda: sum(f.done() for f in stalled) == 2), [f.done() for f in stalled]
+            refused = [f for f in stalled if f.done()]
+            for future in refused:
+                assert future.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "--max-concurrent-streams 6" in future.exception().details()
+            assert wait_for(lambda: _in_flight(server, "ScoreLogitsStream") == 6), metrics(server)
+            health = health_pb2_grpc.HealthStub(channel)
+            with ThreadPoolExecutor(16) as pool:
+                checks = list(pool.map(lambda _: health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status, range(16)))
+            assert checks == [health_pb2.HealthCheckResponse.SERVING] * 16
+            with RewardClient(server.target, timeout=1.0, max_attempts=1) as client:
+                _score_once(client, seed=11)
+            # The stalled ones end once they have sent nothing for the idle timeout.
+            for future in stalled:
+                if future in refused:
+                    continue
+                err = future.exception(timeout=30)
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+                assert "no message arrived for 5 s (the server's --stream-idle-timeout)" in err.details()
+        finally:
+            stop.set()
+        # ... which freed their slots.
+        assert wait_for(lambda: _in_flight(server, "ScoreLogitsStream") == 0), metrics(server)
+        held = HeldStream(seed=3)
+        held.release.set()
+        response = pb_grpc.RewardServiceStub(channel).ScoreLogitsStream(held.messages(), timeout=30)
+        assert_same(wire.scores_from_proto(response.result), held.expected())
+        idle = [e for e in requests_of(server) if e["rpc"] == "ScoreLogitsStream" and e["status"] == "DEADLINE_EXCEEDED"]
+        assert len(idle) == 6 and all(e["request_id"] == "held" for e in idle)
+        _check_traceback_free(server)
+
+
+def test_a_stream_that_stalls_between_blocks_is_ended():
+    with ServerProcess("--stream-idle-timeout", "2") as server, grpc.insecure_channel(server.target) as channel:
+        held = HeldStream()
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.RewardServiceStub(channel).ScoreLogitsStream(held.messages(), timeout=60)
+        held.release.set()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no message arrived for 2 s" in info.value.details()
+        assert wait_for(lambda: requests_of(server)), server.log()
+        line = requests_of(server)[-1]
+        assert line["status"] == "DEADLINE_EXCEEDED" and line["tokens"] == held.rows_before
+        _check_traceback_free(server)
+
+
+def test_streams_per_peer_limit():
+    args = ("--metrics-port", "0", "--max-streams-per-peer", "2")
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
+        streams = [HeldStream(seed=i) for i in range(2)]
+        stub = pb_grpc.RewardServiceStub(channel)
+        futures = [stub.ScoreLogitsStream.future(s.messages(), timeout=60) for s in streams]
+        assert wait_for(lambda: _in_flight(server, "ScoreLogitsStream") == 2), metrics(server)
+        third = HeldStream(seed=5)
+        third.release.set()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ScoreLogitsStream(third.messages(), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "holds 2 logits streams, the server's limit per client (--max-streams-per-peer 2)" in info.value.details()
+        with RewardClient(server.target) as client:
+            _score_once(client)  # unary calls are not limited per peer
+        for s, f in zip(streams, futures):
+            s.release.set()
+            assert_same(wire.scores_from_proto(f.result().result), s.expected())
+        response = stub.ScoreLogitsStream(third.messages(), timeout=30)
+        assert_same(wire.scores_from_proto(response.result), third.expected())
+        _check_traceback_free(server)
+
+
+def _stats_request(seed=0) -> bytes:
+    r = make_rollouts(np.random.default_rng(seed), [2], vocab=64)
+    stats = corrpo.token_stats(np.concatenate(r.logits), np.concatenate(r.token_ids))
+    request = pb.ScoreRequest(request_id="auth")
+    group = request.groups.add()
+    start = 0
+    for n, reward in zip(r.lengths, r.rewards):
+        payload = pb.TokenStatsPayload(
+            entropy=wire.encode(stats.entropy[start : start + n]), grad_norm=wire.encode(stats.grad_norm[start : start + n])
+        )
+        group.rollouts.add(reward=reward, stats=payload)
+        start += n
+    return request.SerializeToString()
+
+
+def test_auth_scheme_is_case_insensitive(tmp_path):
+    """RFC 7235: the scheme is case-insensitive and one or more spaces part it from the
+    token; the token itself is compared exactly."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret-token\n")
+    with ServerProcess("--auth-token-file", str(tokens)) as server, grpc.insecure_channel(server.target) as channel:
+        score = channel.unary_unary("/corrpo.v1.RewardService/Score", request_serializer=None, response_deserializer=None)
+        for value in ("Bearer s3cret-token", "bearer s3cret-token", "BEARER s3cret-token", "bEaReR   s3cret-token"):
+            reply = pb.ScoreResponse.FromString(score(_stats_request(), metadata=[("authorization", value)], timeout=30))
+            assert reply.result.request_id == "auth", value
+        refusals = {
+            "Basic s3cret-token": "unsupported authorization scheme (only Bearer is accepted)",
+            "Token s3cret-token": "unsupported authorization scheme",
+            "s3cret-token": "unsupported authorization scheme",
+            "Bearers3cret-token": "unsupported authorization scheme",
+            "bearer S3CRET-TOKEN": "invalid token",
+            "bearer": "invalid token",
+            "bearer s3cret": "invalid token",
+        }
+        for value, reason in refusals.items():
+            with pytest.raises(grpc.RpcError) as info:
+                score(_stats_request(), metadata=[("authorization", value)], timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, value
+            details = info.value.details()
+            assert details.startswith(reason) and details.endswith("send metadata 'authorization: Bearer <token>'"), value
+        # The stream checks the same way.
+        held = HeldStream()
+        held.release.set()
+        stub = pb_grpc.RewardServiceStub(channel)
+        response = stub.ScoreLogitsStream(held.messages(), metadata=[("authorization", "bearer s3cret-token")], timeout=30)
+        assert_same(wire.scores_from_proto(response.result), held.expected())
+        _check_traceback_free(server)
+
+
+def test_admission_flags_are_checked():
+    for args, message in (
+        (("--max-concurrent-streams", "0"), "--max-concurrent-streams must be in [1, --max-concurrent-rpcs 128], got 0"),
+        (("--max-concurrent-rpcs", "4", "--max-concurrent-streams", "5"), "must be in [1, --max-concurrent-rpcs 4], got 5"),
+        (("--stream-idle-timeout", "0"), "--stream-idle-timeout must be > 0 seconds, got 0.0"),
+        (("--max-streams-per-peer", "-1"), "--max-streams-per-peer must be >= 0 (0: no limit), got -1"),
+        (("--max-tokens", str(2**40)), "--max-tokens must be in [1, 2147483648], got 1099511627776"),
+    ):
+        result = _serve("--port", "0", *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-500:])

@@ -212,3 +212,59 @@ def test_native_work_releases_the_gil(rng):
         sys.setswitchinterval(interval)
     spinner.join()
     assert ticks[0] > 0
+
+
+@pytest.mark.parametrize(("lengths", "needle"), [([2, 2], "add up to 4 tokens"), ([2, 5], "add up to 7 tokens"), ([7, -1], "lengths[1] is negative: -1")])
+def test_lengths_must_split_the_rows_exactly(lengths, needle, rng):
+    z, ids = random_logits(rng, 6, 40)
+    h = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((40, 8)).astype(np.float32))
+    for call, rows_of in ((lambda: corrpo.token_stats(z, ids, lengths=lengths), "logits"),
+                          (lambda: corrpo.token_stats_from_hidden(h, w, ids, lengths=lengths), "hidden")):  # fmt: skip
+        with pytest.raises(corrpo.ShapeError) as info:
+            call()
+        assert needle in str(info.value) and info.value.field == "lengths"
+        if "negative" not in needle:
+            assert str(info.value).endswith(f"but {rows_of} has 6 rows (one per token)")
+    # Lengths that do add up only name rollouts: the figures are those of no lengths.
+    np.testing.assert_array_equal(corrpo.token_stats(z, ids, lengths=[1, 5]).entropy, corrpo.token_stats(z, ids).entropy)
+
+
+def _import_with_simd(value: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CORRPO_SIMD=value)
+    code = "import corrpo; print(corrpo.simd_isa())"
+    return subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_corrpo_simd_names_are_the_cores():
+    from corrpo.stats import ISAS
+
+    assert set(corrpo.supported_isas()) <= set(ISAS)
+    z, ids = np.zeros((1, 3), np.float32), np.zeros(1, np.int64)
+    for name in ISAS:  # each is a name the core parses: it runs, or says this CPU lacks it
+        try:
+            _native.token_stats(z, "float32", ids, 1.0, None, None, name)
+        except corrpo.ConfigError as err:
+            assert f"does not support the {name} instruction set" in str(err)
+    with pytest.raises(corrpo.ConfigError, match="unknown SIMD instruction set"):
+        _native.token_stats(z, "float32", ids, 1.0, None, None, "avx3")
+
+
+def test_an_unknown_corrpo_simd_fails_at_import():
+    done = _import_with_simd("avx3")
+    assert done.returncode != 0
+    assert "ConfigError: CORRPO_SIMD='avx3' names no instruction set: use one of portable, avx2, avx512" in done.stderr
+    for value, isa in (("portable", "portable"), ("", corrpo.supported_isas()[-1])):
+        done = _import_with_simd(value)  # -W error: no warning either
+        assert done.returncode == 0 and done.stdout.strip() == isa, done.stderr
+
+
+def test_a_corrpo_simd_this_cpu_lacks_warns():
+    from corrpo.stats import ISAS
+
+    lacking = [name for name in ISAS if name not in corrpo.supported_isas()]
+    if not lacking:
+        pytest.skip(f"this CPU supports every instruction set corrpo has ({', '.join(ISAS)})")
+    done = _import_with_simd(lacking[0])
+    assert done.returncode != 0  # the warning, made an error by -W error
+    assert f"RuntimeWarning: CORRPO_SIMD={lacking[0]!r}: this CPU does not support {lacking[0]}" in done.stderr

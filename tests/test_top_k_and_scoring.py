@@ -194,3 +194,41 @@ def test_score_with_a_named_measure_adds_the_logit_grad_fingerprint(rng):
     assert scores.config == config.resolve({"stats"})
     # Under logit_grad the values are G already: no second fingerprint.
     assert corrpo.score(h, g, [10, 20], [2], logit_grad=g).logit_grad is None
+
+
+def test_score_takes_one_int_for_equal_groups_as_the_client_does(rng, client):
+    lengths = rng.integers(8, 20, size=8)
+    h, g = rng.gamma(2.0, 1.0, lengths.sum()), rng.random(lengths.sum())
+    rewards = rng.integers(0, 2, 8).astype(float)
+    got = corrpo.score(h, g, lengths, 4, rewards=rewards)
+    want = corrpo.score(h, g, lengths, [4, 4], rewards=rewards)
+    np.testing.assert_array_equal(got.group_sizes, [4, 4])
+    np.testing.assert_array_equal(got.advantages, want.advantages)
+    ends = np.cumsum(lengths)
+    spans = [slice(e - n, e) for e, n in zip(ends, lengths)]
+    served = client.score(entropy=[h[s] for s in spans], grad_norm=[g[s] for s in spans], rewards=rewards, group_sizes=4)
+    np.testing.assert_allclose(served.advantages, got.advantages, rtol=1e-6, atol=1e-9)
+    with pytest.raises(corrpo.ShapeError, match="group_sizes=3: 8 rollouts do not split into groups of 3"):
+        corrpo.score(h, g, lengths, 3, rewards=rewards)
+
+
+def test_an_empty_top_k_rollout_has_no_tokens_to_bound(rng, client):
+    """A rollout of zero tokens (SPEC 2: T = 0 is no error) gets empty bounds in-process and an
+    undefined rho from the server, beside a normal rollout scored as alone."""
+    k, vocab = 3, 50
+    stats = corrpo.top_k_stats(np.zeros((0, k)), np.zeros((0, k), np.int64), np.zeros(0), np.zeros(0, np.int64), vocab)
+    assert all(len(b) == 0 for b in (stats.entropy_lower, stats.entropy_upper, stats.grad_norm_lower, stats.grad_norm_upper))
+
+    logits = rng.standard_normal((12, vocab))
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    top_ids = np.argsort(-logp, axis=1)[:, :k]
+    ids = top_ids[:, 0]
+    full = dict(top_logprobs=np.take_along_axis(logp, top_ids, 1), top_token_ids=top_ids, logprob=logp[np.arange(12), ids], token_ids=ids)
+    empty = dict(top_logprobs=np.zeros((0, k)), top_token_ids=np.zeros((0, k), np.int64), logprob=np.zeros(0), token_ids=np.zeros(0, np.int64))
+    served = client.score(**{name: [full[name], empty[name]] for name in full}, vocab_size=vocab, group_sizes=2, rewards=[1.0, 0.0])
+    assert served.n_tokens.tolist() == [12, 0]
+    assert served.reasons[1] is not None and np.isnan(served.rho[1])
+    bound = corrpo.top_k_stats(full["top_logprobs"], top_ids, full["logprob"], ids, vocab)
+    h, g = bound.estimate("concentrated_tail")
+    want = corrpo.score(h, g, [12], [1]).rho[0]
+    np.testing.assert_allclose(served.rho[0], want, rtol=1e-6)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -146,11 +147,113 @@ def test_changed_settings_do_not_resume(reference_run: Path, server) -> None:
         (["--strength", "l2"], "invalid choice"),
         (["--strength", "exact", "--strength-k", "4"], "strength_k applies to the subsample and jvp strengths, not 'exact'"),
         (["--sync-every", "0"], "sync_every must be >= 1"),
+        # No prefix matching: a misspelled flag is not taken for the one it begins.
+        (["--rl-step", "5"], "unrecognized arguments: --rl-step 5"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
     done = subprocess.run(command(tmp_path / "bad", *flags), env=ENV, capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('rl_steps = "24"\n', 'rl_steps must be an integer (e.g. rl_steps = 100), got \'24\' (a string)'),
+        ('coef = "0.1"\n', "coef must be a number (e.g. coef = 0.1), got '0.1' (a string)"),
+        ("server_model = 1\n", "server_model must be true or false (e.g. server_model = false), got 1 (an integer)"),
+        ("digits = [3]\n", "digits must be an integer (e.g. digits = 4), got [3] (a TOML list)"),
+        ("threads = 1.5\n", "threads must be an integer (e.g. threads = 0), got 1.5 (a number)"),
+        ("rl_steps = \n", "not valid TOML: Invalid value (at line 1, column 12)"),
+        ("rl_stpes = 3\n", "unknown settings ['rl_stpes']"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "study"])
+def test_config_file_errors_are_one_line_before_anything_starts(tmp_path: Path, toml: str, message: str, command: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "corrpo.train", command, "--config", str(config), "--out", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0].startswith(f"corrpo-train: error: {config}: {message}")
+    assert len(done.stderr.splitlines()) == 1 and not out.exists()  # no traceback, no server, nothing written
+
+
+def test_missing_or_unreadable_config_files(tmp_path: Path) -> None:
+    for config, message in ((tmp_path / "nope.toml", "no such config file (configs/ holds the shipped ones)"), (tmp_path, "cannot read the config file: Is a directory")):
+        done = subprocess.run([sys.executable, "-m", "corrpo.train", "run", "--config", str(config), "--out", str(tmp_path / "out")],
+                              env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 2 and done.stderr == f"corrpo-train: error: {config}: {message}\n"
+    # An integer where a number is expected is the number.
+    from corrpo.train import config as configuration
+
+    (tmp_path / "ok.toml").write_text("coef = 1\nrl_steps = 7\n")
+    cfg = configuration.load(tmp_path / "ok.toml", {"rl_steps": 9})
+    assert (cfg.coef, type(cfg.coef), cfg.rl_steps) == (1.0, float, 9)
+
+
+def test_threads_size_every_pool_of_the_trainer_and_its_server() -> None:
+    """threads = N reaches torch (set before it is imported), the native core and the local
+    server's environment; on a 2-core machine torch would otherwise take 2."""
+    from corrpo.train.cli import THREAD_VARIABLES
+
+    if not Path("/proc/self/environ").exists():
+        pytest.skip("reads the server's environment from /proc")
+    code = """
+        import sys
+        from corrpo.train.cli import THREAD_VARIABLES, _set_threads
+        assert "torch" not in sys.modules
+        _set_threads(1)
+        import torch
+        from corrpo_server.process import ServerProcess
+        with ServerProcess() as server:
+            environ = open(f"/proc/{server.process.pid}/environ").read().split("\\0")
+        env = dict(v.split("=", 1) for v in environ if "=" in v)
+        print(torch.get_num_threads(), *(env[k] for k in THREAD_VARIABLES))
+        """
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["1"] * (1 + len(THREAD_VARIABLES))
+
+
+def test_plot_gives_each_phase_its_own_axis_and_keeps_legends_off_the_curves(reference_run: Path) -> None:
+    from corrpo.train import report
+
+    records = read_metrics(reference_run / "metrics.jsonl")
+    fig = report.run_figure(records)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    sft_acc, rl_acc, sft_rho, rl_rho = fig.axes[:4]
+    for ax, steps in ((sft_acc, SFT), (sft_rho, SFT), (rl_acc, RL), (rl_rho, RL)):
+        assert ax.get_xlim() == pytest.approx((0, steps * 1.02))
+        # Below its panel, a legend hides no curve.
+        assert ax.get_legend().get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0
+    curves = {line.get_label(): line for line in rl_rho.get_lines()}
+    s = curves["rho(H, S), rollouts (S of --strength)"]
+    np.testing.assert_array_equal(s.get_xdata(), np.arange(1, RL + 1))
+    np.testing.assert_allclose(s.get_ydata(), [r["rho_pooled"] for r in records if r["phase"] == "rl"])
+    paper = curves[f"the paper's 8B model after SFT ({report.PAPER_RHO:+.2f})"]
+    assert list(paper.get_ydata()) == [report.PAPER_RHO] * 2
+    held = {line.get_label(): line for line in rl_acc.get_lines()}["held-out, greedy (step 0: after SFT)"]
+    assert held.get_xdata()[0] == 0 and held.get_ydata()[0] == [r for r in records if r["phase"] == "sft"][-1]["eval_accuracy"]
+
+
+def test_reading_says_what_rho_came_to_against_the_papers_sign(reference_run: Path) -> None:
+    from corrpo.train import report
+
+    summary = json.loads((reference_run / "summary.json").read_text())
+    config = summary["config"]
+    for rho, sign in ((0.62, "Positive: the tokens the model is unsure of have the larger gradient. The paper reports the opposite sign, about -0.65"),
+                      (-0.41, "Negative: the direction of the paper's inversion (about -0.65")):  # fmt: skip
+        text = " ".join(report.reading({**summary, "rho_pooled_samples_sft_last": rho}, config).split())
+        assert f"rho(H, S) on the model's own solutions: {rho:+.2f} at the end of SFT" in text and sign in text
+        assert f", {summary['rho_pooled_rl_last10']:+.2f} on the RL rollouts (last 10 steps)" in text
+        after, end = summary["held_out_accuracy_after_sft"], summary["held_out_accuracy"]
+        assert f"{after:.3f} after SFT, {end:.3f} after {RL} RL steps of corrpo" in text
+    text = " ".join(report.reading(summary, {**config, "strength": "logit_grad"}).split())
+    assert text.startswith("S is G here (--strength logit_grad)") and "rho(H, S) on" not in text
 
 
 def test_two_rank_ddp_run_matches_one_process(reference_run: Path, server, tmp_path: Path) -> None:
@@ -206,6 +309,13 @@ def test_study_compares_arms_from_one_sft_model_per_seed(server, tmp_path: Path)
         assert corrpo["reward_reg_mean"] != corrpo["reward_mean"]
     assert (root / "study.png").stat().st_size > 10_000
     assert "| grpo |" in (root / "results.md").read_text()
+    # Each arm against GRPO, paired by seed, in the words under the table.
+    rows = {r["arm"]: r for r in study["results"]}
+    printed = " ".join(done.stdout.split())
+    for arm in ("corrpo", "gated"):
+        diffs = [100 * (a - b) for a, b in zip(rows[arm]["held_out_final"], rows["grpo"]["held_out_final"])]
+        mean = rows[arm]["held_out_final_mean"]
+        assert f"{arm} {mean:.3f} ({np.mean(diffs):+.1f} points against grpo; per seed {diffs[0]:+.1f}, {diffs[1]:+.1f})" in printed
     redraw = subprocess.run([sys.executable, "-m", "corrpo.train", "plot", str(root)], env=ENV, capture_output=True, text=True)
     assert redraw.returncode == 0 and "study.png" in redraw.stdout
 

@@ -30,7 +30,10 @@ from .from_hidden import token_stats_from_hidden
 from .rewards import Regularized, regularize
 from .scoring import ScoreConfig, Scores, TopKBounds, score
 from .stats import TokenStats, token_stats
+from .stats import check_simd_env as _check_simd_env
 from .top_k import TopKStats, top_k_stats
+
+_check_simd_env()
 
 __all__ = [
     "__version__",

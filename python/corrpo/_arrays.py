@@ -87,6 +87,35 @@ def vector(values: Any, dtype: type, name: str, length: int | None = None) -> np
     return np.ascontiguousarray(array, dtype=dtype)
 
 
+def lengths_vector(lengths: Any, tokens: int, rows_of: str) -> np.ndarray:
+    """Rollout lengths as int64, checked to split the `tokens` rows of `rows_of` exactly
+    (a sum that differs would name the wrong rollout in every error)."""
+    spans = vector(lengths, np.int64, "lengths")
+    negative = np.flatnonzero(spans < 0)
+    if len(negative):
+        i = int(negative[0])
+        raise ShapeError(f"lengths[{i}] is negative: {spans[i]}", field="lengths", index=i)
+    total = int(spans.sum())
+    if total != tokens:
+        raise ShapeError(
+            f"lengths add up to {total} tokens, but {rows_of} has {tokens} rows (one per token)", field="lengths"
+        )
+    return spans
+
+
+def group_sizes_vector(value: Any, rollouts: int) -> np.ndarray:
+    """Rollouts per group as an int64 vector: a sequence as given (the core checks that its
+    sizes are positive and add up), or one int for equal groups of that size."""
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        size = int(value)
+        if size < 1 or rollouts % size:
+            raise ShapeError(f"group_sizes={size}: {rollouts} rollouts do not split into groups of {size}", field="group_sizes")
+        return np.full(rollouts // size, size, np.int64)
+    if np.ndim(value) == 0:
+        raise ConfigError(f"group_sizes must be an int or a sequence of ints, got {value!r}", field="group_sizes")
+    return vector(value, np.int64, "group_sizes")
+
+
 def real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ConfigError(f"{name} must be a real number, got {value!r}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import check_logits_shape, is_torch, logits_buffer, real, vector
+from ._arrays import check_logits_shape, is_torch, lengths_vector, logits_buffer, real, vector
 from .errors import ConfigError, InvalidValueError
 from .stats import TokenStats, head_grad_norm, native_stats
 
@@ -142,7 +142,7 @@ def token_stats(logits: Any, token_ids: Any, temperature: Any, hidden_norms: Any
     rows = z.shape[0]
     ids = vector(token_ids, np.int64, "token_ids", rows)
     norms = _norms(hidden_norms, rows)
-    spans = None if lengths is None else vector(lengths, np.int64, "lengths")
+    spans = None if lengths is None else lengths_vector(lengths, rows, "logits")
     temperature = _temperature(kernels, temperature)
     with _launching(interpret):
         out = kernels.token_stats(z, torch.from_numpy(ids).to(where), temperature=temperature)
@@ -156,7 +156,7 @@ def token_stats_from_hidden(hidden: Any, weight: Any, token_ids: Any, temperatur
     h, w = hidden.detach().to(where), weight.detach().to(where)
     rows = h.shape[0]
     ids = vector(token_ids, np.int64, "token_ids", rows)
-    spans = None if lengths is None else vector(lengths, np.int64, "lengths")
+    spans = None if lengths is None else lengths_vector(lengths, rows, "hidden")
     temperature = _temperature(kernels, temperature)
     with _launching(interpret):
         out = kernels.token_stats_from_hidden(h, w, torch.from_numpy(ids).to(where), temperature=temperature)

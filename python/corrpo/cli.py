@@ -13,7 +13,8 @@ import sys
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from .fingerprinting import cli as fingerprint_cli
 
-    parser = argparse.ArgumentParser(prog="corrpo", description="corrpo command-line tools")
+    # allow_abbrev=False: a misspelled flag is refused, not read as the one it prefixes.
+    parser = argparse.ArgumentParser(prog="corrpo", description="corrpo command-line tools", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     commands = {"fingerprint": fingerprint_cli.add_parser(sub)}

@@ -16,12 +16,15 @@ gRPC, and UNAVAILABLE is retried (requests are idempotent, so retries are safe).
 from __future__ import annotations
 
 import asyncio
+import difflib
+import inspect
 import ipaddress
 import json
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import wire
-from ._arrays import is_torch, logits_buffer, vector
+from ._arrays import group_sizes_vector, is_torch, logits_buffer, vector
 from .errors import ConfigError, ShapeError
 from .scoring import ScoreConfig, Scores
 from .stats import token_stats
@@ -48,6 +51,55 @@ _LOGITS_DTYPES = {
 }
 
 
+# gRPC's own target schemes (name resolvers), passed to gRPC unchanged.
+_GRPC_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
+# URL schemes people paste from other tools, and the TLS each implies.
+_URL_TLS = {"http": False, "grpc": False, "https": True, "grpcs": True}
+
+
+def _split_target(target: str) -> tuple[str, bool | None]:
+    """``target`` as gRPC reads it, and the TLS its URL scheme implies (None: it names none).
+
+    ``host:port`` and gRPC URIs (``dns:///name:port``, ``unix:/path``, ``ipv4:a:p,b:p``) pass
+    unchanged. ``http://`` and ``grpc://`` are stripped and mean no TLS; ``https://`` and
+    ``grpcs://`` are stripped and mean TLS. gRPC targets have no path, and a port left out
+    is better asked for than guessed, so a URL with a path or without a port is refused, as
+    is any other scheme.
+    """
+    if not isinstance(target, str) or not target:
+        raise ConfigError(f"a target must be a non-empty 'host:port' string, got {target!r}", field="targets")
+    scheme, sep, rest = target.partition("://")
+    if not sep:
+        return target, None
+    scheme = scheme.lower()
+    if scheme in _GRPC_SCHEMES:
+        return target, None
+    if scheme not in _URL_TLS:
+        raise ConfigError(
+            f"target {target!r}: unknown scheme {scheme}://; give host:port, or http://, grpc:// (no TLS), https://, "
+            f"grpcs:// (TLS) before it, or a gRPC URI ({', '.join(s + ':' for s in _GRPC_SCHEMES)})",
+            field="targets",
+        )
+    address = rest[:-1] if rest.endswith("/") else rest
+    host, colon, port = address.rpartition(":")
+    if "/" in address or not colon or not host or not port.isdigit() or (":" in host and not host.startswith("[")):
+        raise ConfigError(
+            f"target {target!r}: after {scheme}:// gRPC needs host:port and nothing else (no path), "
+            f"e.g. {scheme}://127.0.0.1:50051",
+            field="targets",
+        )
+    return address, _URL_TLS[scheme]
+
+
+def _implied_tls(targets: str | Sequence[str]) -> bool | None:
+    """The TLS the targets' URL schemes imply (None: none names any); a mix is refused."""
+    listed = [targets] if isinstance(targets, str) else list(targets)
+    implied = {tls for tls in (_split_target(t)[1] for t in listed) if tls is not None}
+    if len(implied) > 1:
+        raise ConfigError(f"targets {listed} mix TLS (https://, grpcs://) and plaintext (http://, grpc://)", field="targets")
+    return implied.pop() if implied else None
+
+
 def _resolve(target: str) -> str:
     host, _, port = target.rpartition(":")
     host = host.strip("[]")
@@ -62,14 +114,16 @@ def _resolve(target: str) -> str:
 def channel_target(targets: str | Sequence[str]) -> str:
     """One gRPC target for one or several servers. One target is passed as it is (any gRPC
     URI, e.g. ``dns:///rewards.internal:50051`` for DNS round-robin); several ``host:port``
-    become an ``ipv4:``/``ipv6:`` address list that gRPC balances over."""
+    become an ``ipv4:``/``ipv6:`` address list that gRPC balances over. A URL prefix
+    (``http://``, ``https://``, ``grpc://``, ``grpcs://``) is stripped first."""
     if isinstance(targets, str):
-        return targets
-    if len(targets) == 1:
-        return targets[0]
+        return _split_target(targets)[0]
     if not targets:
         raise ValueError("no target given")
-    addresses = [_resolve(t) for t in targets]
+    stripped = [_split_target(t)[0] for t in targets]
+    if len(stripped) == 1:
+        return stripped[0]
+    addresses = [_resolve(t) for t in stripped]
     if all(a.startswith("[") for a in addresses):
         return "ipv6:" + ",".join(addresses)
     if any(a.startswith("[") for a in addresses):
@@ -106,6 +160,8 @@ class _Channel:
     credentials: grpc.ChannelCredentials | None
     options: list[tuple[str, Any]]
     metadata: tuple[tuple[str, str], ...]
+    #: The targets as the user gave them, for messages.
+    given: str
 
 
 def _channel(
@@ -122,6 +178,14 @@ def _channel(
     if (client_certificate is None) != (client_key is None):
         raise ValueError("mutual TLS needs both client_certificate and client_key")
     secure = tls or root_certificates is not None or client_certificate is not None
+    implied = _implied_tls(targets)
+    if implied is False and secure:
+        raise ConfigError(
+            f"target {targets!r} says plaintext (http://, grpc://), but TLS was asked for (tls, root_certificates or "
+            "client_certificate): write https://host:port, or host:port alone",
+            field="targets",
+        )
+    secure = secure or bool(implied)
     credentials = None
     if secure:
         credentials = grpc.ssl_channel_credentials(
@@ -141,7 +205,35 @@ def _channel(
     if server_name is not None:
         options.append(("grpc.ssl_target_name_override", server_name))
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    return _Channel(channel_target(targets), credentials, options, metadata)
+    given = targets if isinstance(targets, str) else ", ".join(targets)
+    return _Channel(channel_target(targets), credentials, options, metadata, given)
+
+
+class ServerUnavailableError(ConnectionError, grpc.RpcError):
+    """A call got UNAVAILABLE after the client's retries: no corrpo-server could be reached
+    at the target (nothing listening there, a wrong host or port, TLS on one side only, a
+    name that does not resolve), or the server itself refused new work (still loading its
+    model, draining).
+
+    Also a ``grpc.RpcError`` whose ``code()`` is UNAVAILABLE and ``details()`` gRPC's own
+    words, so code that catches those keeps working. ``target``: the target as given;
+    ``rpc``: the call that failed.
+    """
+
+    def __init__(self, rpc: str, target: str, tls: bool, details: str) -> None:
+        super().__init__(
+            f"{rpc} to the corrpo-server at {target} failed: UNAVAILABLE: {details}. Check that a server is running "
+            "there (corrpo-server serve listens on 127.0.0.1:50051 unless given --host and --port; --host 0.0.0.0 "
+            "to be reached from other machines), that host and port are right, and that TLS matches on both sides "
+            f"(this client uses {'TLS' if tls else 'no TLS'}; the server uses TLS only when started with --tls-cert)"
+        )
+        self.rpc, self.target, self._details = rpc, target, details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
 
 
 def _seq(values: Any, name: str) -> list[Any]:
@@ -160,11 +252,7 @@ def _ids_tensor(ids: np.ndarray) -> tensor_pb2.Tensor:
 def _group_sizes(n: int, group_sizes: Sequence[int] | int | None) -> list[int]:
     if group_sizes is None:
         return [n]
-    if isinstance(group_sizes, int):
-        if group_sizes <= 0 or n % group_sizes:
-            raise ShapeError(f"{n} rollouts do not split into groups of {group_sizes}")
-        return [group_sizes] * (n // group_sizes)
-    sizes = [int(s) for s in group_sizes]
+    sizes = [int(s) for s in group_sizes_vector(group_sizes, n)]
     if sum(sizes) != n or any(s <= 0 for s in sizes):
         raise ShapeError(f"group_sizes {sizes} must be positive and add up to the {n} rollouts")
     return sizes
@@ -371,6 +459,16 @@ _SCORE_DOC = """Scores rollouts through the server: rho per rollout, CorR-PO rew
             (see corrpo.ScoreConfig); the scores echo the values used."""
 
 
+def _refuse_unknown(where: str, given: Iterable[str], allowed: Collection[str]) -> None:
+    """The TypeError Python raises for an unknown keyword, naming the public call (the
+    keywords travel through **kwargs to internal functions) and the nearest known one."""
+    for name in given:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{where} got an unexpected keyword argument {name!r}{hint}")
+
+
 class _Client:
     def __init__(
         self,
@@ -403,6 +501,7 @@ class _Client:
         self.block_bytes = block_bytes
 
     def _prepare(self, kwargs: dict[str, Any]) -> tuple[_Prepared, float | None]:
+        _refuse_unknown(f"{type(self).__name__}.score()", kwargs, _SCORE_KEYWORDS)
         timeout = kwargs.pop("timeout", self.timeout)
         config = ScoreConfig(**{f.name: kwargs.pop(f.name) for f in fields(ScoreConfig) if f.name in kwargs})
         kwargs.setdefault("block_bytes", self.block_bytes)
@@ -410,6 +509,22 @@ class _Client:
 
     def _backoff(self, attempt: int) -> float:
         return min(2.0, 0.05 * 2**attempt)
+
+    @contextmanager
+    def _reaching(self, rpc: str) -> Iterator[None]:
+        """UNAVAILABLE, once the retries are spent, as a ServerUnavailableError that names
+        the target and what to check."""
+        try:
+            yield
+        except grpc.RpcError as err:
+            if isinstance(err, ServerUnavailableError) or err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            raise ServerUnavailableError(rpc, self._spec.given, self._spec.credentials is not None, err.details()) from err
+
+
+# Every keyword RewardClient.score takes: the request's, the settings of ScoreConfig, timeout.
+_SCORE_KEYWORDS = frozenset(inspect.signature(prepare).parameters) - {"config"} | {f.name for f in fields(ScoreConfig)} | {"timeout"}
+_CLIENT_KEYWORDS = frozenset(inspect.signature(_Client.__init__).parameters) - {"self", "targets"}
 
 
 def _result(response: pb.ScoreResponse | pb.ScoreLogitsStreamResponse) -> Scores:
@@ -419,14 +534,17 @@ def _result(response: pb.ScoreResponse | pb.ScoreLogitsStreamResponse) -> Scores
 class RewardClient(_Client):
     """Blocking client of one reward server or several (round_robin).
 
-    targets: "host:port", a gRPC URI, or a list of "host:port" replicas.
+    targets: "host:port", a gRPC URI, or a list of "host:port" replicas. A prefix http:// or
+        grpc:// is stripped; https:// or grpcs:// is stripped and turns TLS on.
     tls / root_certificates: TLS (system roots, or this CA's PEM); client_certificate and
         client_key: mutual TLS; server_name: the name to verify the certificate against.
     token: bearer token, sent as ``authorization: Bearer <token>``.
-    timeout: default deadline of a call, seconds. max_attempts: tries on UNAVAILABLE.
+    timeout: default deadline of a call, seconds. max_attempts: tries on UNAVAILABLE; when
+        they are spent, calls raise ServerUnavailableError, which names the target.
     """
 
     def __init__(self, targets: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
+        _refuse_unknown("RewardClient()", kwargs, _CLIENT_KEYWORDS)
         super().__init__(targets, **kwargs)
         spec = self._spec
         if spec.credentials is None:
@@ -439,16 +557,18 @@ class RewardClient(_Client):
     def score(self, **kwargs: Any) -> Scores:
         prepared, timeout = self._prepare(kwargs)
         if prepared.unary is not None:
-            return _result(self._stub.Score(prepared.unary, timeout=timeout, metadata=self._spec.metadata))
+            with self._reaching("Score"):
+                return _result(self._stub.Score(prepared.unary, timeout=timeout, metadata=self._spec.metadata))
         # A stream outgrows gRPC's retry buffer, so retries of UNAVAILABLE happen here.
-        for attempt in range(self.max_attempts):
-            try:
-                response = self._stub.ScoreLogitsStream(prepared.stream(), timeout=timeout, metadata=self._spec.metadata)
-                return _result(response)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == self.max_attempts:
-                    raise
-                time.sleep(self._backoff(attempt))
+        with self._reaching("ScoreLogitsStream"):
+            for attempt in range(self.max_attempts):
+                try:
+                    response = self._stub.ScoreLogitsStream(prepared.stream(), timeout=timeout, metadata=self._spec.metadata)
+                    return _result(response)
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == self.max_attempts:
+                        raise
+                    time.sleep(self._backoff(attempt))
         raise AssertionError("unreachable")
 
     score.__doc__ = _SCORE_DOC
@@ -457,12 +577,14 @@ class RewardClient(_Client):
         """Loads new weights into a model-backed server (``path`` on the server's file
         system); returns once they serve, with the seconds the load took."""
         request = pb.ReloadWeightsRequest(path=str(path), weights_version=weights_version)
-        response = self._stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=self._spec.metadata)
+        with self._reaching("ReloadWeights"):
+            response = self._stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=self._spec.metadata)
         return response.load_seconds
 
     def health(self, service: str = SERVICE, timeout: float = 5.0) -> str:
         """The server's health status for ``service``: SERVING, NOT_SERVING, ..."""
-        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        with self._reaching("the health check"):
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def close(self) -> None:
@@ -480,6 +602,7 @@ class AsyncRewardClient(_Client):
     Local reductions of logits run in a worker thread, off the event loop."""
 
     def __init__(self, targets: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
+        _refuse_unknown("AsyncRewardClient()", kwargs, _CLIENT_KEYWORDS)
         super().__init__(targets, **kwargs)
         spec = self._spec
         if spec.credentials is None:
@@ -492,28 +615,32 @@ class AsyncRewardClient(_Client):
     async def score(self, **kwargs: Any) -> Scores:
         prepared, timeout = await asyncio.to_thread(self._prepare, kwargs)
         if prepared.unary is not None:
-            return _result(await self._stub.Score(prepared.unary, timeout=timeout, metadata=self._spec.metadata))
-        for attempt in range(self.max_attempts):
-            try:
-                call = self._stub.ScoreLogitsStream(prepared.stream(), timeout=timeout, metadata=self._spec.metadata)
-                return _result(await call)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == self.max_attempts:
-                    raise
-                await asyncio.sleep(self._backoff(attempt))
+            with self._reaching("Score"):
+                return _result(await self._stub.Score(prepared.unary, timeout=timeout, metadata=self._spec.metadata))
+        with self._reaching("ScoreLogitsStream"):
+            for attempt in range(self.max_attempts):
+                try:
+                    call = self._stub.ScoreLogitsStream(prepared.stream(), timeout=timeout, metadata=self._spec.metadata)
+                    return _result(await call)
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == self.max_attempts:
+                        raise
+                    await asyncio.sleep(self._backoff(attempt))
         raise AssertionError("unreachable")
 
     score.__doc__ = _SCORE_DOC
 
     async def reload_weights(self, path: str, weights_version: str, timeout: float | None = None) -> float:
         request = pb.ReloadWeightsRequest(path=str(path), weights_version=weights_version)
-        response = await self._stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=self._spec.metadata)
+        with self._reaching("ReloadWeights"):
+            response = await self._stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=self._spec.metadata)
         return response.load_seconds
 
     reload_weights.__doc__ = RewardClient.reload_weights.__doc__
 
     async def health(self, service: str = SERVICE, timeout: float = 5.0) -> str:
-        response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        with self._reaching("the health check"):
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     async def close(self) -> None:

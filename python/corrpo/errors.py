@@ -20,6 +20,19 @@ class CorrpoError(ValueError):
             raise TypeError(f"unknown error context {sorted(context)}")
 
 
+def shorten(text: str, limit: int) -> str:
+    """``text`` whole when it fits in ``limit`` UTF-8 bytes; else its start, an ellipsis and
+    its total size. Messages that quote input (a path, a value) stay readable and far below
+    gRPC's limit on status details (8-16 KiB of metadata), beyond which a client would see a
+    transport error instead of the status."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    tail = f"... ({len(raw)} bytes in all)"
+    # Cut on a character boundary: errors="ignore" drops a split multi-byte character.
+    return raw[: max(0, limit - len(tail))].decode(errors="ignore") + tail
+
+
 class ShapeError(CorrpoError):
     """Arrays whose shapes or lengths do not fit together."""
 

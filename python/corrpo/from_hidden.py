@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import is_torch, real, vector
+from ._arrays import is_torch, lengths_vector, real, vector
 from .errors import ConfigError, ShapeError
 from .stats import TokenStats, head_grad_norm, native_stats, uses_triton
 
@@ -37,10 +37,17 @@ def token_stats_from_hidden(
         of at most 64 MiB of float32 logits (holding a float32 copy of a half-precision
         weight). "cpu" or "triton" force one, as in token_stats.
 
-    Forward only: no gradient flows back to hidden or the weight.
+    Forward only: no gradient flows back to hidden or the weight. Needs torch (the rest of
+    corrpo's in-process API needs only NumPy).
     """
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            "corrpo.token_stats_from_hidden takes torch tensors and needs torch: pip install 'corrpo[torch]' "
+            "(token_stats, score and the rest of corrpo's in-process API need only NumPy)"
+        ) from None
     rows, vocab = _check(hidden, lm_head_weight)
-    import torch
 
     if hidden.dtype == torch.float64:  # as for logits: read as float32
         hidden, lm_head_weight = hidden.detach().float(), lm_head_weight.detach().float()
@@ -51,7 +58,7 @@ def token_stats_from_hidden(
     if hidden.device.type != "cpu" or lm_head_weight.device.type != "cpu":
         raise ConfigError(f"backend 'cpu' reads CPU memory, but the tensors are on {hidden.device}; pass tensor.cpu()")
     ids = vector(token_ids, np.int64, "token_ids", rows)
-    spans = None if lengths is None else vector(lengths, np.int64, "lengths")
+    spans = None if lengths is None else lengths_vector(lengths, rows, "hidden")
     temperature = real(temperature, "temperature")
     h, w = hidden.detach(), lm_head_weight.detach().float()
     norms = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).numpy()

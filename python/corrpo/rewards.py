@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._arrays import real, vector
+from ._arrays import group_sizes_vector, real, vector
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ def regularize(
 
     rewards: external (verifier) rewards per rollout, or None for verifier-free training.
     rho: per-rollout correlations; NaN (undefined) contributes 0 and is flagged.
-    group_sizes: rollouts per group (the samples of one prompt), in order.
+    group_sizes: rollouts per group (the samples of one prompt), in order; one int for
+        equal groups.
     gate: ``none`` applies the term everywhere; ``correct`` only where reward >= threshold.
     advantage: ``grpo`` (r~ - mean) / (std + 1e-6) with the unbiased std, ``drgrpo``
         r~ - mean, or ``none`` (r~ itself). A group of one gets advantage 0 under grpo and
@@ -53,7 +54,7 @@ def regularize(
     """
     r = vector(rho, np.float64, "rho")
     ext = None if rewards is None else vector(rewards, np.float64, "rewards", len(r))
-    sizes = vector(group_sizes, np.int64, "group_sizes")
+    sizes = group_sizes_vector(group_sizes, len(r))
     coef, threshold = real(coef, "coef"), real(threshold, "threshold")
     out_r, adv, applied, undefined = _native.regularize(ext, r, sizes, coef, gate, threshold, advantage)
     return Regularized(out_r, adv, applied, undefined, coef, gate, threshold, advantage)

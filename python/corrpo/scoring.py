@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import count, real, vector
+from ._arrays import count, group_sizes_vector, real, vector
 from .correlation import Fingerprint, fingerprint, rollout_correlations
 from .errors import ConfigError
 from .measures import DEFAULT_K, ESTIMATORS, LOGIT_MEASURES, MEASURES, OBJECTIVES, PAYLOAD_DEFAULTS, check_combination
@@ -188,12 +188,20 @@ class Scores:
         return [slice(int(e - n), int(e)) for e, n in zip(ends, self.group_sizes)]
 
 
+#: Largest magnitude whose sums over any batch (fewer than 2**60 tokens) stay finite.
+_SUM_SAFE = 2.0**960
+
+
 def _rollout_means(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Mean of ``values`` over each rollout of a ragged batch; NaN for an empty rollout."""
     owner = np.repeat(np.arange(len(lengths)), lengths)
-    sums = np.bincount(owner, weights=values, minlength=len(lengths))
+    # Values near the float64 limit would sum to inf: they are summed scaled by a power of
+    # two (exact, so ordinary values, which are not scaled, keep the same bits).
+    peak = float(np.abs(values).max()) if len(values) else 0.0
+    exponent = int(np.frexp(peak)[1]) if peak > _SUM_SAFE else 0
+    sums = np.bincount(owner, weights=np.ldexp(values, -exponent) if exponent else values, minlength=len(lengths))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return sums / lengths
+        return np.ldexp(sums / lengths, exponent) if exponent else sums / lengths
 
 
 def score(
@@ -213,10 +221,10 @@ def score(
 
     entropy, strength: [T] values of all rollouts concatenated: H (nats) and S of
     ``config.measure`` (by default logit_grad: G, ``token_stats(...).grad_norm``);
-    lengths: tokens per rollout; group_sizes: rollouts per group; rewards: per rollout, or
-    None (verifier-free); token_ids: optional [T] emitted ids, for the fingerprint over
-    distinct tokens; logit_grad: optional [T] G when S is another measure, for the
-    comparison fingerprint ``Scores.logit_grad``.
+    lengths: tokens per rollout; group_sizes: rollouts per group (a sequence, or one int for
+    equal groups); rewards: per rollout, or None (verifier-free); token_ids: optional [T]
+    emitted ids, for the fingerprint over distinct tokens; logit_grad: optional [T] G when S
+    is another measure, for the comparison fingerprint ``Scores.logit_grad``.
     """
     config = config or ScoreConfig()
     if not config.resolved:
@@ -224,7 +232,7 @@ def score(
     h = vector(entropy, np.float64, "entropy")
     g = vector(strength, np.float64, "strength", len(h))
     spans = vector(lengths, np.int64, "lengths")
-    sizes = vector(group_sizes, np.int64, "group_sizes")
+    sizes = group_sizes_vector(group_sizes, len(spans))
     rc = rollout_correlations(h, g, spans, method=config.method, min_tokens=config.min_tokens)
     out = regularize(
         rewards,

@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import _native
-from ._arrays import is_torch, logits_buffer, real, vector
+from ._arrays import is_torch, lengths_vector, logits_buffer, real, vector
 from .errors import ConfigError
 
 BACKENDS = ("auto", "cpu", "triton")
+#: The instruction sets corrpo-core knows (``Isa`` in rust/corrpo-core/src/simd/mod.rs), narrowest first.
+ISAS = ("portable", "avx2", "avx512")
+
+
+def check_simd_env() -> None:
+    """Refuses a ``CORRPO_SIMD`` that names no instruction set, and warns when it names one
+    this CPU lacks: the core falls back to the widest supported one in both cases without a
+    word, which would defeat the variable's purpose (ruling a SIMD path in or out)."""
+    name = os.environ.get("CORRPO_SIMD")
+    if not name or name in _native.supported_isas():  # empty counts as unset, as in the core
+        return
+    if name not in ISAS:
+        raise ConfigError(
+            f"CORRPO_SIMD={name!r} names no instruction set: use one of {', '.join(ISAS)} "
+            f"(this CPU supports {', '.join(_native.supported_isas())}), or unset it for the widest"
+        )
+    warnings.warn(
+        f"CORRPO_SIMD={name!r}: this CPU does not support {name} (it supports {', '.join(_native.supported_isas())}); "
+        f"corrpo uses {_native.simd_isa()}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 @dataclass(frozen=True)
@@ -75,7 +99,7 @@ def token_stats(
     rows = array.shape[0]
     ids = vector(token_ids, np.int64, "token_ids", rows)
     norms = None if hidden_norms is None else vector(hidden_norms, np.float32, "hidden_norms", rows)
-    spans = None if lengths is None else vector(lengths, np.int64, "lengths")
+    spans = None if lengths is None else lengths_vector(lengths, rows, "logits")
     return native_stats(array, dtype, ids, real(temperature, "temperature"), norms, spans)
 
 

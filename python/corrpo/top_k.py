@@ -61,7 +61,7 @@ def top_k_stats(top_logprobs: Any, top_token_ids: Any, logprob: Any, token_ids: 
     if k == 0:
         raise ShapeError("top_logprobs must hold at least one logprob per token (k >= 1)")
     for name, values in (("top_logprobs", top), ("logprob", lp)):
-        bad = np.flatnonzero(~((values <= _SLACK) | np.isneginf(values)).reshape(len(values), -1).all(axis=1))
+        bad = np.flatnonzero(~((values <= _SLACK) | np.isneginf(values)).reshape(t, -1 if t else 0).all(axis=1))
         if len(bad):
             raise InvalidValueError(
                 f"{name} of token {bad[0]} is not a logprob (finite <= 0 or -inf): {values[bad[0]]}",
@@ -69,7 +69,7 @@ def top_k_stats(top_logprobs: Any, top_token_ids: Any, logprob: Any, token_ids: 
                 index=int(bad[0]),
             )
     for name, values in (("top_token_ids", top_ids), ("token_ids", ids)):
-        bad = np.flatnonzero(((values < 0) | (values >= vocab_size)).reshape(len(values), -1).any(axis=1))
+        bad = np.flatnonzero(((values < 0) | (values >= vocab_size)).reshape(t, -1 if t else 0).any(axis=1))
         if len(bad):
             raise InvalidTokenError(
                 f"{name} of token {bad[0]} lies outside the vocabulary [0, {vocab_size})", field=name, index=int(bad[0])

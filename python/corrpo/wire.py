@@ -71,22 +71,60 @@ def _wire_dtype(dtype: np.dtype) -> int:
     raise ConfigError(f"no wire dtype for {dtype}")
 
 
+#: The largest size or count a message may carry: a vocabulary (INT32 token ids address
+#: 2**31 tokens), a token count, and the elements that a tensor's non-zero dimensions
+#: describe (no gRPC message holds 2 GiB). Checked before anything is allocated from them.
+MAX_SIZE = 1 << 31
+
+
+def size(
+    value: int, path: str, minimum: int = 0, maximum: int = MAX_SIZE, what: str = "", field: str | None = None
+) -> int:
+    """A size or count from the wire (a shape dimension, a vocabulary size, a token count)
+    as a Python int, checked to lie in [minimum, maximum] before NumPy or the native core
+    sees it: every number of a message that sizes an allocation or a conversion goes through
+    here. Otherwise a ShapeError that names ``path`` (the field, or what was computed from
+    it: then ``field`` is the field) and says ``what`` the bound is."""
+    value = int(value)
+    if not minimum <= value <= maximum:
+        why = f" ({what})" if what else ""
+        raise ShapeError(f"{path} is {value}; it must be in [{minimum}, {maximum}]{why}", field=field or path)
+    return value
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    """A shape as an error message quotes it: whole when short, else its first dimensions
+    and its rank (a 10,000-dimension shape would make a 30 KB message)."""
+    if len(shape) <= 8:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:8]))}, ...] ({len(shape)} dimensions)"
+
+
 def decode(tensor: tensor_pb2.Tensor, path: str, dtypes: tuple[int, ...], rank: int) -> np.ndarray:
     """The array a Tensor holds (a read-only view of its bytes), after checking its dtype
-    against ``dtypes``, its rank and its byte count. Errors name the field ``path``."""
+    against ``dtypes``, its rank, its dimensions and its byte count. Errors name the field
+    ``path``."""
     if tensor.dtype not in dtypes:
         allowed = " or ".join(dtype_name(d) for d in dtypes)
         raise ConfigError(f"{path}.dtype must be {allowed}, got {dtype_name(tensor.dtype)}", field=path)
     shape = tuple(tensor.shape)
     if len(shape) != rank:
-        raise ShapeError(f"{path}.shape must have {rank} dimension(s), got {list(shape)}", field=path)
+        raise ShapeError(f"{path}.shape must have {rank} dimension(s), got {shape_text(shape)}", field=path)
     if any(d < 0 for d in shape):
-        raise ShapeError(f"{path}.shape has a negative dimension: {list(shape)}", field=path)
+        raise ShapeError(f"{path}.shape has a negative dimension: {shape_text(shape)}", field=path)
+    # An empty tensor's other dimensions are not bounded by its bytes: NumPy refuses a
+    # [0, 2**62] view as too big, and a [0, V] block would declare a vocabulary of V.
+    size(
+        math.prod(d for d in shape if d),
+        f"the product of the non-zero dimensions of {path}.shape {shape_text(shape)}",
+        what="no message holds more elements",
+        field=path,
+    )
     np_dtype = element(tensor.dtype)
     expected = math.prod(shape) * np_dtype.itemsize
     if len(tensor.data) != expected:
         raise ShapeError(
-            f"{path}.data holds {len(tensor.data)} bytes, but {dtype_name(tensor.dtype)} {list(shape)} "
+            f"{path}.data holds {len(tensor.data)} bytes, but {dtype_name(tensor.dtype)} {shape_text(shape)} "
             f"needs {expected}",
             field=path,
         )

@@ -20,6 +20,7 @@ import corrpo
 from corrpo import wire
 from corrpo.v1 import reward_service_pb2 as pb
 
+from .admission import Admission
 from .auth import TokenAuth, read_tokens
 from .batch import Limits, Reducer
 from .model import ModelLoadError, PolicyModel
@@ -35,6 +36,11 @@ class Options:
     workers: int = 32
     max_message_bytes: int = 64 << 20
     max_concurrent_rpcs: int = 128
+    #: None: three quarters of max_concurrent_rpcs (at least 1).
+    max_concurrent_streams: int | None = None
+    #: 0: no limit per client host.
+    max_streams_per_peer: int = 0
+    stream_idle_timeout_s: float = 30.0
     max_tokens: int = 1 << 22
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -124,6 +130,57 @@ def _watch_parent(pid: int, stop: threading.Event) -> None:
             stop.set()
 
 
+#: RPC threads beyond --max-concurrent-rpcs: an admitted call has a thread of its own from
+#: start to end, and these refuse the calls past the limits.
+_SPARE_THREADS = 8
+#: Threads of the health service alone, so that probes are answered whatever the other
+#: calls do.
+_HEALTH_THREADS = 4
+
+
+def _streams_limit(options: Options) -> int:
+    """--max-concurrent-streams, checked against the other limits; by default three quarters
+    of --max-concurrent-rpcs, so a quarter stays for unary calls that streams cannot take."""
+    calls = options.max_concurrent_rpcs
+    if calls < 1:
+        raise StartupError(f"--max-concurrent-rpcs must be >= 1, got {calls}")
+    streams = options.max_concurrent_streams
+    if streams is None:
+        return max(1, calls - calls // 4)
+    if not 1 <= streams <= calls:
+        raise StartupError(f"--max-concurrent-streams must be in [1, --max-concurrent-rpcs {calls}], got {streams}")
+    return streams
+
+
+def _check_limits(options: Options) -> None:
+    if options.workers < 1:
+        raise StartupError(f"--workers must be >= 1, got {options.workers}")
+    if options.max_streams_per_peer < 0:
+        raise StartupError(f"--max-streams-per-peer must be >= 0 (0: no limit), got {options.max_streams_per_peer}")
+    if not options.stream_idle_timeout_s > 0:
+        raise StartupError(f"--stream-idle-timeout must be > 0 seconds, got {options.stream_idle_timeout_s}")
+    if not 1 <= options.max_tokens <= wire.MAX_SIZE:
+        raise StartupError(f"--max-tokens must be in [1, {wire.MAX_SIZE}], got {options.max_tokens}")
+    if not 1 <= options.max_message_bytes < 1 << 31:
+        mib = options.max_message_bytes / (1 << 20)
+        raise StartupError(f"--max-message-mib must be above 0 and below 2048 (gRPC's limit), got {mib:g}")
+
+
+class _Health(health.HealthServicer):
+    """grpc.health.v1 on threads of its own (gRPC runs a handler on the pool its
+    ``experimental_thread_pool`` names): a probe is answered while clients stall every
+    RPC thread of the server."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        super().__init__(experimental_thread_pool=pool)
+
+        def check(request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+            return health.HealthServicer.Check(self, request, context)
+
+        check.experimental_thread_pool = pool  # type: ignore[attr-defined]
+        self.Check = check  # type: ignore[method-assign]
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -131,19 +188,31 @@ def _address(host: str, port: int) -> str:
 def serve(options: Options) -> int:
     """Runs until SIGTERM or SIGINT, then drains: in-flight requests get up to the grace
     period to finish, new ones are refused, and the process exits 0."""
+    _check_limits(options)
+    streams = _streams_limit(options)
     reduce, backend_name = backend(options.backend)
     metrics = Metrics()
     credentials = _credentials(options)
     interceptors = []
     if options.auth_token_file is not None:
         interceptors.append(TokenAuth(read_tokens(options.auth_token_file), metrics))
-    service = RewardService(reduce, backend_name, Limits(max_tokens=options.max_tokens), metrics, options.model is not None)
+    service = RewardService(
+        reduce,
+        backend_name,
+        Limits(max_tokens=options.max_tokens, max_message_bytes=options.max_message_bytes),
+        metrics,
+        options.model is not None,
+        admission=Admission(options.max_concurrent_rpcs, streams, options.max_streams_per_peer, options.workers),
+        idle_timeout_s=options.stream_idle_timeout_s,
+    )
     if options.parent_pid is not None and options.parent_pid != os.getppid():
         raise StartupError(f"--parent-pid {options.parent_pid} is not this server's parent ({os.getppid()})")
     if options.model is not None and not options.weights_version:
         raise StartupError("--weights-version must not be empty")
+    # gRPC's own maximum_concurrent_rpcs stays off: it would count health checks too. The
+    # service admits its calls itself (admission.py), each on a thread of this pool.
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="corrpo-rpc"),
+        ThreadPoolExecutor(max_workers=options.max_concurrent_rpcs + _SPARE_THREADS, thread_name_prefix="corrpo-rpc"),
         handlers=[service.handler()],
         interceptors=interceptors,
         options=[
@@ -152,9 +221,8 @@ def serve(options: Options) -> int:
             # A second server on a taken port must fail, not share it.
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
-    health_servicer = health.HealthServicer()
+    health_servicer = _Health(ThreadPoolExecutor(max_workers=_HEALTH_THREADS, thread_name_prefix="corrpo-health"))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = ["", SERVICE]
 
@@ -216,6 +284,10 @@ def serve(options: Options) -> int:
         reflection=options.reflection,
         metrics_port=metrics_port,
         workers=options.workers,
+        max_concurrent_rpcs=options.max_concurrent_rpcs,
+        max_concurrent_streams=streams,
+        max_streams_per_peer=options.max_streams_per_peer,
+        stream_idle_timeout_s=options.stream_idle_timeout_s,
         version=corrpo.__version__,
         model=options.model,
         weights_version=service.model.version if service.model else None,

@@ -1,5 +1,6 @@
 """Bearer-token authentication: every RPC but the health check needs
-``authorization: Bearer <token>`` with one of the tokens of the server's token file."""
+``authorization: Bearer <token>`` with one of the tokens of the server's token file. The
+scheme is case-insensitive (RFC 7235: ``bearer`` and ``BEARER`` work too); the token is not."""
 
 from __future__ import annotations
 
@@ -22,14 +23,28 @@ def read_tokens(path: Path) -> list[bytes]:
     return tokens
 
 
+def _credentials(value: bytes) -> tuple[bytes, bytes]:
+    """The scheme and the token of an authorization value: ``<scheme> 1*SP <token>``."""
+    scheme, _, token = value.strip(b" ").partition(b" ")
+    return scheme, token.lstrip(b" ")
+
+
 class TokenAuth(grpc.ServerInterceptor):
     def __init__(self, tokens: list[bytes], metrics: Metrics) -> None:
-        self.expected = [b"Bearer " + t for t in tokens]
+        self.expected = tokens
         self.metrics = metrics
 
-    def _valid(self, presented: bytes) -> bool:
+    def _check(self, presented: bytes) -> str | None:
+        """None for valid credentials, else why they are not."""
+        if not presented:
+            return "missing token"
+        scheme, token = _credentials(presented)
+        if scheme.lower() != b"bearer":
+            return "unsupported authorization scheme (only Bearer is accepted)"
         # Compare against every token, without an early exit, in constant time each.
-        return sum(hmac.compare_digest(presented, t) for t in self.expected) > 0
+        if sum(hmac.compare_digest(token, t) for t in self.expected) > 0:
+            return None
+        return "invalid token"
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -37,14 +52,14 @@ class TokenAuth(grpc.ServerInterceptor):
         if handler is None or method.startswith(_EXEMPT):
             return handler
         presented = next((v for k, v in handler_call_details.invocation_metadata if k == "authorization"), "")
-        if self._valid(presented.encode() if isinstance(presented, str) else presented):
+        reason = self._check(presented.encode() if isinstance(presented, str) else presented)
+        if reason is None:
             return handler
         rpc = method.rsplit("/", 1)[-1]
-        reason = "missing" if not presented else "invalid"
 
         def refuse(_request, context: grpc.ServicerContext):
             start = time.perf_counter()
-            message = f"{reason} token: send metadata 'authorization: Bearer <token>'"
+            message = f"{reason}: send metadata 'authorization: Bearer <token>'"
             record = Record(rpc=rpc, peer=context.peer(), status="UNAUTHENTICATED", message=message)
             finish(record, self.metrics, time.perf_counter() - start)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -60,25 +60,47 @@ class Batch:
     top_k: TopKBounds | None = None
     logit_grad: np.ndarray | None = None
     weights_version: str | None = None
+    #: Where the groups sit in the request: "" for Score, "header." for a stream.
+    where: str = ""
 
     def score(self) -> corrpo.Scores:
-        scores = corrpo.score(
-            self.entropy,
-            self.strength,
-            self.lengths,
-            self.group_sizes,
-            rewards=self.rewards,
-            token_ids=self.token_ids,
-            config=self.config,
-            top_k=self.top_k,
-            logit_grad=self.logit_grad,
-        )
+        try:
+            scores = corrpo.score(
+                self.entropy,
+                self.strength,
+                self.lengths,
+                self.group_sizes,
+                rewards=self.rewards,
+                token_ids=self.token_ids,
+                config=self.config,
+                top_k=self.top_k,
+                logit_grad=self.logit_grad,
+            )
+        except corrpo.InvalidValueError as err:
+            # Rewards whose regularized value or group spread overflow float64: say which
+            # rollout of the request, as the other checks do.
+            if err.field != "rewards" or err.index is None:
+                raise
+            group = int(np.searchsorted(np.cumsum(self.group_sizes), err.index, side="right"))
+            rollout = err.index - int(self.group_sizes[:group].sum())
+            reason = err.message.split(": ", 1)[-1]
+            raise invalid(f"{self.where}groups[{group}].rollouts[{rollout}].reward: {reason}") from None
         return dataclasses.replace(scores, weights_version=self.weights_version)
 
 
 @dataclass
 class Limits:
+    """The server's limits on a request (its flags), checked before anything is allocated."""
+
     max_tokens: int
+    #: The largest message: a stream whose single row of logits is larger can never send it.
+    max_message_bytes: int
+    #: Tokens per rollout (subsample) or directions (jvp) of a model-backed server: the
+    #: work and memory of a tokens payload grow with it.
+    max_estimator_k: int = 4096
+
+
+_VOCAB_BOUND = "a vocabulary size: INT32 token ids address at most 2**31 tokens"
 
 
 def _located(path: str, err: corrpo.CorrpoError) -> str:
@@ -180,8 +202,9 @@ def _top_k(payload: pb.TopKPayload, path: str, config: ScoreConfig) -> _Rollout:
     ids = wire.decode(payload.token_ids, f"{path}.token_ids", wire.INTEGERS, 1)
     if payload.vocab_size == 0:
         raise invalid(f"{path}.vocab_size must be set (the size of the model's vocabulary)")
+    vocab = wire.size(payload.vocab_size, f"{path}.vocab_size", 1, what=_VOCAB_BOUND)
     try:
-        stats = top_k_stats(top, top_ids, lp, ids, payload.vocab_size)
+        stats = top_k_stats(top, top_ids, lp, ids, vocab)
     except corrpo.CorrpoError as err:
         where = f"{path}.{err.field}" if err.field else path
         raise invalid(_located(where, err)) from None
@@ -276,6 +299,11 @@ def _tokens_batch(
         )
     if config.temperature != 1.0:
         raise invalid(f"config.temperature is {config.temperature}: tokens payloads are scored at temperature 1")
+    if config.estimator_k is not None and config.estimator_k > limits.max_estimator_k:
+        raise too_large(
+            f"config.estimator_k is {config.estimator_k}; this server allows at most {limits.max_estimator_k} "
+            f"(the {config.estimator} estimator's work and memory grow with it)"
+        )
     rollouts: list[tuple[np.ndarray, np.ndarray]] = []
     rewards: list[float | None] = []
     paths: list[str] = []
@@ -344,13 +372,14 @@ class LogitsStream:
         if header.dtype not in wire.LOGITS:
             allowed = ", ".join(wire.dtype_name(d) for d in wire.LOGITS)
             raise invalid(f"header.dtype must be one of {allowed}, got {wire.dtype_name(header.dtype)}")
-        if header.vocab_size == 0:
-            raise invalid("header.vocab_size must be >= 1")
+        vocab = wire.size(header.vocab_size, "header.vocab_size", 1, what=_VOCAB_BOUND)
         _groups(header.groups, "rollout layouts")
-        self.lengths = np.array([r.num_tokens for g in header.groups for r in g.rollouts], dtype=np.int64)
-        self.total = int(self.lengths.sum())
+        # Summed as Python ints, so that counts of 2**64 - 1 are refused rather than overflow.
+        counts = [r.num_tokens for g in header.groups for r in g.rollouts]
+        self.total = sum(counts)
         if self.total > limits.max_tokens:
             raise too_large(f"the stream declares {self.total} tokens, more than the server's --max-tokens {limits.max_tokens}")
+        self.lengths = np.array(counts, dtype=np.int64)
         self.group_sizes = np.array([len(g.rollouts) for g in header.groups], dtype=np.int64)
         paths = [f"header.groups[{gi}].rollouts[{ri}]" for gi, g in enumerate(header.groups) for ri in range(len(g.rollouts))]
         self.rewards = layout_rewards(
@@ -360,9 +389,14 @@ class LogitsStream:
         if len(ids) != self.total:
             raise invalid(f"header.token_ids has {len(ids)} ids, but the rollouts declare {self.total} tokens")
         self.token_ids = ids.astype(np.int64, copy=False)
-        self.vocab = int(header.vocab_size)
+        self.vocab = vocab
         self.element = wire.element(header.dtype)
         self.row_bytes = self.vocab * self.element.itemsize
+        if self.total and self.row_bytes > limits.max_message_bytes:
+            raise too_large(
+                f"one row of logits is {self.vocab} x {self.element.itemsize} = {self.row_bytes} bytes, more than "
+                f"the server's largest message ({limits.max_message_bytes} bytes, --max-message-mib): no block can carry it"
+            )
         self.config = _resolved(config, {"logits"}, "header.config")
         self.reduce = reduce
         self.entropy = np.empty(self.total, dtype=np.float32)
@@ -412,4 +446,5 @@ class LogitsStream:
             group_sizes=self.group_sizes,
             rewards=self.rewards,
             config=self.config,
+            where="header.",
         )

@@ -31,7 +31,13 @@ def _parser() -> argparse.ArgumentParser:
         help="what reduces logits: the native core (cpu), the Triton kernels on the GPU (triton), or triton "
         "when a CUDA device and corrpo-kernels are present (auto). The default leaves the GPU to the trainer",
     )
-    run.add_argument("--workers", type=int, default=defaults.workers, help="RPC handler threads")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="requests that compute at once (decode, reduce logits, score); admitted ones beyond it wait for one. "
+        "A stream waiting for its client holds none",
+    )
     run.add_argument(
         "--max-message-mib", type=float, default=defaults.max_message_bytes / _MIB, help="largest message, in MiB"
     )
@@ -39,7 +45,27 @@ def _parser() -> argparse.ArgumentParser:
         "--max-concurrent-rpcs",
         type=int,
         default=defaults.max_concurrent_rpcs,
-        help="RPCs served at once; more are refused with RESOURCE_EXHAUSTED",
+        help="RewardService calls served at once; more are refused with RESOURCE_EXHAUSTED. Health checks are "
+        "never counted",
+    )
+    run.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        help="of those, ScoreLogitsStream calls (None: three quarters of --max-concurrent-rpcs); the rest stay "
+        "for unary Score calls, which cannot stall",
+    )
+    run.add_argument(
+        "--max-streams-per-peer",
+        type=int,
+        default=defaults.max_streams_per_peer,
+        help="ScoreLogitsStream calls open at once from one client host (0: no limit besides "
+        "--max-concurrent-streams); set it when several clients share the server",
+    )
+    run.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=defaults.stream_idle_timeout_s,
+        help="seconds a ScoreLogitsStream may send nothing before it is ended with DEADLINE_EXCEEDED",
     )
     run.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="tokens per request")
     run.add_argument("--tls-cert", type=Path, help="PEM certificate chain of the server (enables TLS)")
@@ -78,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         max_message_bytes=int(args.max_message_mib * _MIB),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_concurrent_streams=args.max_concurrent_streams,
+        max_streams_per_peer=args.max_streams_per_peer,
+        stream_idle_timeout_s=args.stream_idle_timeout,
         max_tokens=args.max_tokens,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -16,11 +16,16 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 import corrpo
+from corrpo.errors import shorten
 
 from .failure import Failure
 
 log = logging.getLogger("corrpo_server")
 _DEADLINE_SLACK_S = 0.1
+#: Longest status message, in UTF-8 bytes: far below gRPC's metadata limit (8-16 KiB), which
+#: a message quoting a large input (a path, a shape) would pass, turning the status into a
+#: transport error on the client.
+MAX_DETAILS = 512
 
 
 class _JsonLines(logging.Formatter):
@@ -102,6 +107,12 @@ def settled(context: grpc.ServicerContext, wait_s: float = 0.2) -> None:
 
 
 def _outcome(err: BaseException | None, context: grpc.ServicerContext, record: Record) -> tuple[grpc.StatusCode, str]:
+    """The status a request ends with; every message, whatever raised it, is shortened here."""
+    code, message = _status(err, context, record)
+    return code, shorten(message, MAX_DETAILS)
+
+
+def _status(err: BaseException | None, context: grpc.ServicerContext, record: Record) -> tuple[grpc.StatusCode, str]:
     if err is None:
         return grpc.StatusCode.OK, ""
     if isinstance(err, Failure):

@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError, Message
 from corrpo import wire
 from corrpo.v1 import reward_service_pb2 as pb
 
+from .admission import Admission, IdleLimited
 from .batch import Limits, LogitsStream, Reducer, from_score_request
 from .failure import Failure, checked_name, invalid
 from .model import PolicyModel, check_version
@@ -70,18 +71,36 @@ def _loading(*_args: object, **_kwargs: object) -> None:
 
 class RewardService:
     """``model``: the policy of a model-backed server, set once it has loaded;
-    ``model_expected``: the server was started with --model (tokens wait for it)."""
+    ``model_expected``: the server was started with --model (tokens wait for it);
+    ``admission``: the calls it takes on (admission.py); ``idle_timeout_s``: how long a
+    stream may send nothing."""
 
-    def __init__(self, reduce: Reducer, backend: str, limits: Limits, metrics: Metrics, model_expected: bool = False) -> None:
+    def __init__(
+        self,
+        reduce: Reducer,
+        backend: str,
+        limits: Limits,
+        metrics: Metrics,
+        model_expected: bool,
+        *,
+        admission: Admission,
+        idle_timeout_s: float,
+    ) -> None:
         self.reduce = reduce
         self.backend = backend
         self.limits = limits
         self.metrics = metrics
         self.model: PolicyModel | None = None
         self.model_expected = model_expected
+        self.admission = admission
+        self.idle_timeout_s = idle_timeout_s
 
     def score(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        with observed("Score", context, self.metrics) as record:
+        with (
+            observed("Score", context, self.metrics) as record,
+            self.admission.admitted(context.peer(), stream=False),
+            self.admission.working(alive_check(context)),
+        ):
             request = _parse(pb.ScoreRequest, raw)
             record.request_id = _request_id(request.request_id, "request_id")
             config = wire.config_from_proto(request.config)
@@ -95,7 +114,10 @@ class RewardService:
             return pb.ScoreResponse(result=wire.scores_to_proto(batch.score(), record.request_id, backend))
 
     def reload_weights(self, raw: bytes, context: grpc.ServicerContext) -> pb.ReloadWeightsResponse:
-        with observed("ReloadWeights", context, self.metrics) as record:
+        with (
+            observed("ReloadWeights", context, self.metrics) as record,
+            self.admission.admitted(context.peer(), stream=False),
+        ):
             request = _parse(pb.ReloadWeightsRequest, raw)
             if self.model is None:
                 if self.model_expected:
@@ -111,37 +133,48 @@ class RewardService:
             return pb.ReloadWeightsResponse(weights_version=version, load_seconds=seconds)
 
     def score_logits_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ScoreLogitsStreamResponse:
-        with observed("ScoreLogitsStream", context, self.metrics) as record:
+        with (
+            observed("ScoreLogitsStream", context, self.metrics) as record,
+            self.admission.admitted(context.peer(), stream=True),
+        ):
             alive = alive_check(context)
-            first = next(requests, None)
-            if first is None:
-                settled(context)
-                raise invalid("the stream is empty: send a header, then the logits blocks")
-            message = _parse(pb.ScoreLogitsStreamRequest, first)
-            if message.WhichOneof("message") != "header":
-                raise invalid("the first message of a ScoreLogitsStream must be its header; got a block")
-            header = message.header
-            record.request_id = _request_id(header.request_id, "header.request_id")
-            config = wire.config_from_proto(header.config, "header.config")
-            stream = LogitsStream(header, config, self.limits, self.reduce)
-            record.rollouts = len(stream.lengths)
-            for raw in requests:
-                alive()
-                data = block_view(raw)
-                if data is None:
-                    message = _parse(pb.ScoreLogitsStreamRequest, raw)
-                    if message.WhichOneof("message") != "block":
-                        raise invalid(
-                            f"message {stream.blocks + 1} of the stream is not a logits block; only the first is a header"
-                        )
-                    data = message.block.data
-                self.metrics.logits_bytes.inc(len(data))
-                stream.add(data)
-                record.tokens = stream.filled
-            if stream.filled < stream.total:
-                settled(context)
-            scores = stream.finish().score()
-            return pb.ScoreLogitsStreamResponse(result=wire.scores_to_proto(scores, record.request_id, self.backend))
+            messages = IdleLimited(requests, self.idle_timeout_s)
+            try:
+                first = next(messages, None)
+                if first is None:
+                    settled(context)
+                    raise invalid("the stream is empty: send a header, then the logits blocks")
+                with self.admission.working(alive):
+                    message = _parse(pb.ScoreLogitsStreamRequest, first)
+                    if message.WhichOneof("message") != "header":
+                        raise invalid("the first message of a ScoreLogitsStream must be its header; got a block")
+                    header = message.header
+                    record.request_id = _request_id(header.request_id, "header.request_id")
+                    config = wire.config_from_proto(header.config, "header.config")
+                    stream = LogitsStream(header, config, self.limits, self.reduce)
+                record.rollouts = len(stream.lengths)
+                # A worker is held while a block is reduced, never while the next is awaited.
+                for raw in messages:
+                    alive()
+                    with self.admission.working(alive):
+                        data = block_view(raw)
+                        if data is None:
+                            message = _parse(pb.ScoreLogitsStreamRequest, raw)
+                            if message.WhichOneof("message") != "block":
+                                raise invalid(
+                                    f"message {stream.blocks + 1} of the stream is not a logits block; only the first is a header"
+                                )
+                            data = message.block.data
+                        self.metrics.logits_bytes.inc(len(data))
+                        stream.add(data)
+                    record.tokens = stream.filled
+                if stream.filled < stream.total:
+                    settled(context)
+                with self.admission.working(alive):
+                    scores = stream.finish().score()
+                    return pb.ScoreLogitsStreamResponse(result=wire.scores_to_proto(scores, record.request_id, self.backend))
+            finally:
+                messages.close()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

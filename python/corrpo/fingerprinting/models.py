@@ -177,7 +177,8 @@ def character_tokenizer(alphabet: str | None = None) -> Any:
 def train_model_config(state: dict[str, Any]) -> Any:
     """The ``corrpo.train.model.ModelConfig`` of a checkpoint: sizes from its settings
     (``model``, ``digits``), checked against the shapes of its weights."""
-    from ..train.model import SIZES, ModelConfig
+    from ..train.config import SIZES
+    from ..train.model import ModelConfig
     from ..train.task import TASKS
 
     settings = state.get("config") or {}

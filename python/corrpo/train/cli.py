@@ -8,6 +8,8 @@
 GRPO and CorR-PO (or any arms of settings) for several seeds from a shared SFT model per
 seed, then tables and plots them; ``plot`` redraws the figures of finished runs or studies. Every setting of
 ``TrainConfig`` is a flag (``--rl-steps 50``) and a key of the TOML file.
+
+Needs the trainer's extra: pip install 'corrpo[train]' ./server
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ from typing import Any
 
 from . import config as configuration
 from .config import METHODS, TrainConfig
+
+
+# The CPU thread pools of a run: torch's and MKL's (OpenMP), OpenBLAS's, and the native
+# core's (rayon).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
+
+
+def _set_threads(threads: int) -> None:
+    """Sizes every CPU thread pool of this process and of the processes it starts (the local
+    corrpo-server, a study's runs) to ``threads``. Set before torch and the native core start
+    their pools, and inherited by children. On a busy machine a pool sized to every core
+    waits on whichever of its threads was preempted: a training step of the demo's model took
+    0.13-0.16 s with one torch thread and 0.7-1.7 s with two on a 2-core machine at load 5,
+    while one thread per process only loses its fair share."""
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
 
 
 def _local_server(out: Path, cfg: TrainConfig) -> Any:
@@ -51,9 +69,9 @@ def _client(target: str) -> Any:
     client = RewardClient(target)
     try:
         status = client.health(timeout=10.0)
-    except Exception as err:  # grpc.RpcError and friends: say what was tried
+    except Exception as err:  # ServerUnavailableError names the target and what to check
         client.close()
-        raise SystemExit(f"no corrpo-server answers at {target}: {err}") from None
+        raise SystemExit(f"corrpo-train: {err}") from None
     if status != "SERVING":
         client.close()
         raise SystemExit(f"the corrpo-server at {target} reports {status}")
@@ -72,8 +90,8 @@ def _serve(stack: ExitStack, cfg: TrainConfig, out: Path) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = configuration.load(args.config, configuration.overrides(args))
-    if cfg.threads:  # the native core's pool too, before its first use
-        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.threads))
+    if cfg.threads:
+        _set_threads(cfg.threads)
     from . import dist, report
     from .loop import Trainer
 
@@ -92,13 +110,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             write_json(out / "config.json", cfg.to_dict())
             write_json(out / "summary.json", summary)
-            plot = report.plot_run(records, out / "training.png", f"{cfg.method}, seed {cfg.seed}, model {cfg.model}")
+            plot = report.plot_run(records, out / "training.png", _describe(cfg))
             report.print_summary(summary, f"corrpo-train: {cfg.method}, seed {cfg.seed}")
-            print(report.MEASURES_LINE.format(strength=cfg.strength, objective=cfg.objective) if cfg.strength != "logit_grad" else report.LOGIT_GRAD_LINE)
+            print(report.reading(summary, cfg.to_dict()))
             print(f"metrics: {out / 'metrics.jsonl'}\nsummary: {out / 'summary.json'}\nplot:    {plot}")
     finally:
         dist.shutdown()
     return 0
+
+
+def _describe(cfg: TrainConfig) -> str:
+    """A run's settings that a plot's title needs."""
+    method = f"CorR-PO (coef {cfg.coef}, gate {cfg.gate})" if cfg.method == "corrpo" else "GRPO"
+    return f"{method}, S = {cfg.measure} by {cfg.strength}; {cfg.model} model, {cfg.digits}-digit addition, seed {cfg.seed}"
 
 
 def parse_arm(spec: str) -> tuple[str, dict[str, Any]]:
@@ -144,6 +168,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     jobs = args.jobs
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
+    _set_threads(threads)
     started = time.perf_counter()
     with ExitStack() as stack:
         target = _serve(stack, cfg, root)
@@ -159,9 +184,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         def launch(out: Path, *flags: str) -> None:
             out.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "corrpo.train", "run", "--config", str(root / "config.toml"), "--out", str(out), "--no-progress", *flags]
-            env = {**os.environ, "RAYON_NUM_THREADS": str(threads)}
             with open(out / "run.log", "w") as log:
-                done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
             if done.returncode:
                 raise RuntimeError(f"{out} failed with exit code {done.returncode}:\n{(out / 'run.log').read_text()[-3000:]}")
 
@@ -191,9 +215,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     minutes = (time.perf_counter() - started) / 60
     write_json(root / "study.json", {"config": base.to_dict(), "arms": arms, "seeds": args.seeds, "minutes": minutes, "results": rows})
     (root / "results.md").write_text(table)
-    title = f"{' vs '.join(arms)}: {cfg.model} model, {cfg.digits}-digit addition, {len(args.seeds)} seeds"
+    title = f"{' vs '.join(arms)}: {cfg.model} model, {cfg.digits}-digit addition"
     plot = report.plot_study(study, root / "study.png", title)
     print(table)
+    print(report.study_reading(rows, study, base.to_dict()))
     print(f"study: {root / 'study.json'}\ntable: {root / 'results.md'}\nplot:  {plot}\ntime:  {minutes:.1f} min")
     return 0
 
@@ -229,10 +254,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="corrpo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a misspelled flag (--rl-step) is refused, not read as the one it prefixes.
+    top = argparse.ArgumentParser(
+        prog="corrpo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="train one model: SFT, then GRPO or CorR-PO")
+    run = sub.add_parser("run", help="train one model: SFT, then GRPO or CorR-PO", allow_abbrev=False)
     run.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
     run.add_argument("--out", type=Path, required=True, help="output directory; a run there with a checkpoint is resumed")
     run.add_argument("--init-from", type=Path, help="start RL from the SFT model of this run directory")
@@ -240,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
     configuration.add_flags(run)
     run.set_defaults(handler=cmd_run)
 
-    study = sub.add_parser("study", help="GRPO vs CorR-PO over seeds, with table and plot")
+    study = sub.add_parser("study", help="GRPO vs CorR-PO over seeds, with table and plot", allow_abbrev=False)
     study.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
     study.add_argument("--out", type=Path, required=True)
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -256,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     configuration.add_flags(study)
     study.set_defaults(handler=cmd_study)
 
-    plot = sub.add_parser("plot", help="redraw the plots of runs or studies")
+    plot = sub.add_parser("plot", help="redraw the plots of runs or studies", allow_abbrev=False)
     plot.add_argument("paths", nargs="+")
     plot.set_defaults(handler=cmd_plot)
     return top
@@ -268,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ValueError as err:  # settings and run-directory mismatches: a message, not a traceback
         print(f"corrpo-train: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # installed without its extra: torch and friends are imported on use
+        print(
+            f"corrpo-train: error: {err.name} is not installed; corrpo-train needs its extra: pip install 'corrpo[train]' "
+            "(and pip install ./server from the corrpo repository for the local reward server)",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -1,5 +1,7 @@
 """Every setting of a training run: one dataclass, read from a TOML file and overridden by
-command-line flags (``--rl-steps 50`` sets ``rl_steps``)."""
+command-line flags (``--rl-steps 50`` sets ``rl_steps``).
+
+Imports no torch, so that ``corrpo-train --help`` and a refused setting answer at once."""
 
 from __future__ import annotations
 
@@ -15,11 +17,21 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .model import SIZES
-from .strengths import MEASURE, STRENGTHS
 from .task import TASKS
 
 METHODS = ("grpo", "corrpo")
+#: d_model, n_layers, n_heads of each model size (``corrpo.train.model`` builds them).
+SIZES = {
+    "tiny": (32, 2, 2),
+    "small": (96, 3, 4),
+    "base": (256, 6, 8),
+    "large": (512, 8, 8),
+}
+#: ``--strength``: the logit-space G, or the paper's measure by one of these estimators
+#: (``corrpo.train.strengths`` computes them).
+STRENGTHS = ("logit_grad", "exact", "subsample", "jvp", "last_block")
+#: The parameter-space measure every estimator gives.
+MEASURE = "l1_mean"
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,7 @@ class TrainConfig:
     data_seed: int = 0  # draws the held-out split (the same for every seed of a study)
     eval_size: int = 256  # held-out problems
     # The model
-    model: str = "small"  # tiny | small | base | large (see corrpo.train.model.SIZES)
+    model: str = "small"  # tiny | small | base | large (see SIZES)
     # SFT warm start on written-out solutions
     sft_steps: int = 300
     sft_batch: int = 64
@@ -70,7 +82,9 @@ class TrainConfig:
     server: str = ""  # host:port of a corrpo-server; empty starts a local one for the run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads per process; 0 leaves torch's default
+    # CPU threads of each pool (torch, OpenMP/MKL/OpenBLAS, the native core's rayon) in each
+    # process of the run, the local server included; 0 leaves every library its default.
+    threads: int = 0
     eval_every: int = 25  # held-out accuracy every this many steps of each phase (and at the end)
     checkpoint_every: int = 25
     weight_decay: float = 0.0
@@ -125,16 +139,46 @@ class TrainConfig:
         }
 
 
+_TOML_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``key``'s default (an integer is accepted for a float), or a
+    ValueError that names the key, the type it needs and the value given."""
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        given = _TOML_KINDS.get(type(value), f"a TOML {type(value).__name__}")
+        example = str(default).lower() if kind is bool else repr(default).replace("'", '"')
+        raise ValueError(f"{key} must be {_TOML_KINDS[kind]} (e.g. {key} = {example}), got {value!r} ({given})")
+    return value
+
+
 def load(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The config of ``path`` (TOML; its keys are TrainConfig's fields) with ``overrides``."""
+    """The config of ``path`` (TOML; its keys are TrainConfig's fields) with ``overrides``.
+    A missing or unreadable file, a key that is not a setting and a value of the wrong type
+    are ValueErrors that name the file and the key."""
     values: dict[str, Any] = {}
     if path is not None:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such config file (configs/ holds the shipped ones)") from None
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read the config file: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML: {err}") from None
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        unknown = sorted(set(values) - set(defaults))
         if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}; known are {sorted(known)}")
+            raise ValueError(f"{path}: unknown settings {unknown}; known are {sorted(defaults)}")
+        for key, value in values.items():
+            try:
+                values[key] = _typed(key, value, defaults[key])
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)
 

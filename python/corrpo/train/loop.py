@@ -41,10 +41,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import corrpo
 
-from .config import TrainConfig
+from .config import SIZES, TrainConfig
 from .dist import World
 from .loss import policy_loss, token_logprobs
-from .model import SIZES, ModelConfig, Transformer, generate
+from .model import ModelConfig, Transformer, generate
 from .state import MetricsLog, load_checkpoint, read_metrics, save_atomic
 from .strengths import ParameterStrengths, Strengths
 from .task import EOS, PAD, AdditionTask, Problem

@@ -25,15 +25,6 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
 
-# d_model, n_layers, n_heads
-SIZES = {
-    "tiny": (32, 2, 2),
-    "small": (96, 3, 4),
-    "base": (256, 6, 8),
-    "large": (512, 8, 8),
-}
-
-
 def rope_tables(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     half = cfg.head_dim // 2
     freqs = cfg.rope_base ** (-torch.arange(half, dtype=torch.float32, device=device) / half)

@@ -16,10 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-#: ``--strength``: the logit-space G, or the paper's measure by one of these estimators.
-STRENGTHS = ("logit_grad", "exact", "subsample", "jvp", "last_block")
-#: The parameter-space measure every estimator gives.
-MEASURE = "l1_mean"
+from .config import MEASURE
 
 
 @dataclass

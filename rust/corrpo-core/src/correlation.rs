@@ -1,5 +1,6 @@
 //! Pearson and Spearman correlation in f64 (SPEC 4).
 
+use crate::math::unit_scale;
 use std::str::FromStr;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -81,14 +82,17 @@ fn is_constant(x: &[f64]) -> bool {
     x.iter().all(|&v| v == x[0])
 }
 
-/// Two-pass Pearson correlation of non-constant samples.
+/// Two-pass Pearson correlation of non-constant samples. The correlation is scale-free, so
+/// samples near the float64 limits are scaled first ([`unit_scale`], exact), where sums of
+/// squares would overflow to a NaN (values about 1e200 and up) or underflow to 0.
 fn pearson(x: &[f64], y: &[f64]) -> f64 {
     let n = x.len() as f64;
-    let mx = x.iter().sum::<f64>() / n;
-    let my = y.iter().sum::<f64>() / n;
+    let (kx, ky) = (unit_scale(x), unit_scale(y));
+    let mx = x.iter().map(|a| a * kx).sum::<f64>() / n;
+    let my = y.iter().map(|b| b * ky).sum::<f64>() / n;
     let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
     for (&a, &b) in x.iter().zip(y) {
-        let (dx, dy) = (a - mx, b - my);
+        let (dx, dy) = (a * kx - mx, b * ky - my);
         sxy += dx * dy;
         sxx += dx * dx;
         syy += dy * dy;

@@ -1,6 +1,7 @@
 //! CorR-PO regularized rewards and group advantages (SPEC 5).
 
 use crate::error::{Error, Result, check_finite};
+use crate::math::unit_scale;
 use std::str::FromStr;
 
 /// Added to the group standard deviation in `grpo` advantages, as in verl.
@@ -77,6 +78,10 @@ pub struct Regularized {
 
 /// r~ = r - coef * rho per rollout, then advantages per group. `rewards` of `None` means
 /// verifier-free (r = 0). `group_sizes` partitions the rollouts in order.
+///
+/// Every output is finite: rewards near the float64 limit give the advantages they should
+/// (computed on rewards scaled by a power of two), and an r~ or a Dr. GRPO advantage that
+/// float64 cannot hold is an error naming the rollout, never an inf or a NaN.
 pub fn regularize(
     rewards: Option<&[f64]>,
     rho: &[f64],
@@ -100,7 +105,18 @@ pub fn regularize(
             Gate::Correct => r >= config.threshold,
         };
         let applied = gated_in && !undefined && config.coef != 0.0;
-        out.rewards.push(if applied { r - config.coef * rho_i } else { r });
+        let value = if applied { r - config.coef * rho_i } else { r };
+        if !value.is_finite() {
+            return Err(Error::Value {
+                field: "rewards",
+                index: i,
+                reason: format!(
+                    "r - coef * rho = {r:e} - {:e} * {rho_i} overflows float64: scale the rewards or coef down",
+                    config.coef
+                ),
+            });
+        }
+        out.rewards.push(value);
         out.applied.push(applied);
         out.rho_undefined.push(undefined);
     }
@@ -108,7 +124,19 @@ pub fn regularize(
     let mut start = 0;
     for &size in group_sizes {
         let group = &out.rewards[start..start + size];
-        out.advantages.extend(group_advantages(group, config.advantage));
+        let advantages = group_advantages(group, config.advantage);
+        if let Some(j) = advantages.iter().position(|a| !a.is_finite()) {
+            return Err(Error::Value {
+                field: "rewards",
+                index: start + j,
+                reason: format!(
+                    "its {} advantage (r~ minus the mean of its group) overflows float64: the rewards of its group \
+                     span more than float64 holds; scale the rewards (or coef) down",
+                    config.advantage.name()
+                ),
+            });
+        }
+        out.advantages.extend(advantages);
         start += size;
     }
     Ok(out)
@@ -156,6 +184,12 @@ fn check(rewards: Option<&[f64]>, rho: &[f64], group_sizes: &[usize], config: &R
 
 /// Advantages of one group. A group of one has no baseline and gets 0 under `grpo` and
 /// `drgrpo`.
+///
+/// Finite rewards near the float64 limit (about 1e308) overflow in their sum or in the
+/// squares of their deviations, which would turn into NaN advantages. The group is scaled by
+/// a power of two first ([`unit_scale`]: exact, and 1 for ordinary rewards, which so get the
+/// same bits as the textbook formula): `grpo` is scale-free (eps is scaled alike) and always
+/// finite; `drgrpo` is scaled back and is inf only where float64 cannot hold the result.
 fn group_advantages(r: &[f64], mode: Advantage) -> Vec<f64> {
     let n = r.len();
     if mode == Advantage::None {
@@ -164,13 +198,15 @@ fn group_advantages(r: &[f64], mode: Advantage) -> Vec<f64> {
     if n == 1 {
         return vec![0.0];
     }
-    let mean = r.iter().sum::<f64>() / n as f64;
+    let scale = unit_scale(r);
+    let x: Vec<f64> = r.iter().map(|v| v * scale).collect();
+    let mean = x.iter().sum::<f64>() / n as f64;
     match mode {
-        Advantage::DrGrpo => r.iter().map(|x| x - mean).collect(),
+        Advantage::DrGrpo => x.iter().map(|v| (v - mean) / scale).collect(),
         _ => {
-            let var = r.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
-            let denom = var.sqrt() + GRPO_EPS;
-            r.iter().map(|x| (x - mean) / denom).collect()
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (n - 1) as f64;
+            let denom = var.sqrt() + GRPO_EPS * scale;
+            x.iter().map(|v| (v - mean) / denom).collect()
         }
     }
 }

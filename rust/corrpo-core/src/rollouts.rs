@@ -2,6 +2,7 @@
 
 use crate::correlation::{Method, Undefined, correlation};
 use crate::error::{Error, Result, check_finite};
+use crate::math::unit_scale;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
@@ -113,8 +114,10 @@ pub fn fingerprint(
         return Err(Error::Shape(format!("{} token ids for {} tokens", ids.len(), entropy.len())));
     }
     let n = entropy.len();
+    // Summed scaled (exact), so that values near the float64 limit give their finite mean.
     let mean = |v: &[f64]| {
-        if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
+        let k = unit_scale(v);
+        if v.is_empty() { f64::NAN } else { v.iter().map(|x| x * k).sum::<f64>() / v.len() as f64 / k }
     };
 
     let unique_means = token_ids.map(|ids| per_id_means(ids, entropy, grad_norm));
@@ -137,14 +140,16 @@ pub fn fingerprint(
     })
 }
 
-/// Mean entropy and grad_norm per distinct token id, in ascending id order.
+/// Mean entropy and grad_norm per distinct token id, in ascending id order (summed scaled,
+/// as the batch means are, so that no sum overflows).
 fn per_id_means(ids: &[i64], entropy: &[f64], grad_norm: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let (kh, kg) = (unit_scale(entropy), unit_scale(grad_norm));
     let mut sums: BTreeMap<i64, (f64, f64, usize)> = BTreeMap::new();
     for ((&id, &h), &g) in ids.iter().zip(entropy).zip(grad_norm) {
         let e = sums.entry(id).or_default();
-        e.0 += h;
-        e.1 += g;
+        e.0 += h * kh;
+        e.1 += g * kg;
         e.2 += 1;
     }
-    sums.values().map(|&(h, g, c)| (h / c as f64, g / c as f64)).unzip()
+    sums.values().map(|&(h, g, c)| (h / c as f64 / kh, g / c as f64 / kg)).unzip()
 }

@@ -165,3 +165,96 @@ fn names_round_trip() {
     }
     assert!("kendall".parse::<Method>().unwrap_err().contains("spearman"));
 }
+
+proptest! {
+    /// Rewards near the float64 limit (about 1e308) overflow a textbook mean or variance
+    /// into NaN advantages. Rewards scaled by 2^k must give the grpo advantages of the
+    /// unscaled ones with eps scaled by 2^-k, and Dr. GRPO ones scaled by 2^k, for every k up
+    /// to where the rewards themselves stop being finite.
+    #[test]
+    fn advantages_of_rewards_near_the_float64_limit(
+        seed in any::<u64>(), sizes in prop::collection::vec(2usize..9, 1..5), k in 0i32..1020,
+    ) {
+        let mut rng = Rng(seed);
+        let n: usize = sizes.iter().sum();
+        let base: Vec<f64> = (0..n).map(|_| rng.normal() * 1.5).collect();
+        let big: Vec<f64> = base.iter().map(|v| v * 2f64.powi(k)).collect();
+        let rho = vec![f64::NAN; n];
+        // The textbook formulas on the unscaled rewards, which cannot overflow.
+        let mut want = (Vec::new(), Vec::new());
+        let mut start = 0;
+        for &size in &sizes {
+            let group = &base[start..start + size];
+            let mean = group.iter().sum::<f64>() / size as f64;
+            let sd = (group.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (size - 1) as f64).sqrt();
+            want.0.extend(group.iter().map(|v| (v - mean) / (sd + 1e-6 * 2f64.powi(-k))));
+            want.1.extend(group.iter().map(|v| (v - mean) * 2f64.powi(k)));
+            start += size;
+        }
+        for mode in [Advantage::Grpo, Advantage::DrGrpo] {
+            let cfg = RegularizeConfig { coef: 0.0, gate: Gate::None, threshold: 1.0, advantage: mode };
+            let want = if mode == Advantage::Grpo { &want.0 } else { &want.1 };
+            match regularize(Some(&big), &rho, &sizes, cfg) {
+                Ok(out) => {
+                    for (got, want) in out.advantages.iter().zip(want) {
+                        prop_assert!(got.is_finite(), "{mode:?} 2^{k}: {got}");
+                        prop_assert!((got - want).abs() <= 1e-12 * want.abs().max(1.0), "{mode:?} 2^{k}: {got} vs {want}");
+                    }
+                }
+                Err(err) => {
+                    // Only a Dr. GRPO advantage can be too large for float64, and only when
+                    // the rewards span almost the whole range.
+                    prop_assert!(mode == Advantage::DrGrpo && k > 1015, "{mode:?} 2^{k}: {err}");
+                    prop_assert!(err.to_string().contains("overflows float64"), "{err}");
+                }
+            }
+        }
+    }
+
+    /// Pearson is scale-free, so samples near either end of float64 must give the rho of
+    /// the same samples near 1, never a NaN from squares that overflow or underflow.
+    #[test]
+    fn pearson_of_extreme_magnitudes(seed in any::<u64>(), n in 3usize..60, kx in -1020i32..1020, ky in -1020i32..1020) {
+        let mut rng = Rng(seed);
+        let x: Vec<f64> = (0..n).map(|_| 1.0 + rng.uniform()).collect();
+        let y: Vec<f64> = x.iter().map(|v| 0.5 * v + rng.uniform()).collect();
+        let scaled = |v: &[f64], k: i32| -> Vec<f64> { v.iter().map(|a| a * 2f64.powi(k / 2) * 2f64.powi(k - k / 2)).collect() };
+        let want = correlation(&x, &y, Method::Pearson, 2).unwrap();
+        let got = correlation(&scaled(&x, kx), &scaled(&y, ky), Method::Pearson, 2).unwrap();
+        prop_assert!((got - want).abs() <= 1e-12, "2^{kx}, 2^{ky}: {got} vs {want}");
+    }
+}
+
+#[test]
+fn overflowing_regularized_rewards_are_errors_not_inf() {
+    let cfg = config(-f64::MAX, Gate::None, Advantage::None);
+    let err = regularize(Some(&[0.0, f64::MAX]), &[0.5, 0.5], &[2], cfg).unwrap_err();
+    assert!(matches!(err, Error::Value { field: "rewards", index: 1, .. }), "{err}");
+    assert!(err.to_string().contains("r - coef * rho"), "{err}");
+    // MAX is 4/3 MAX above the mean of [MAX, -MAX, -MAX]: no float64 holds that Dr. GRPO
+    // advantage ...
+    let spread = [0.0, f64::MAX, -f64::MAX, -f64::MAX];
+    let err =
+        regularize(Some(&spread), &[f64::NAN; 4], &[1, 3], config(0.1, Gate::None, Advantage::DrGrpo)).unwrap_err();
+    assert!(matches!(err, Error::Value { field: "rewards", index: 1, .. }), "{err}");
+    assert!(err.to_string().contains("drgrpo advantage (r~ minus the mean of its group) overflows"), "{err}");
+    // ... but GRPO's are those of [2, -1, -1] (eps vanishes against an std of 2 MAX / sqrt(3)).
+    let out = regularize(Some(&spread), &[f64::NAN; 4], &[1, 3], config(0.1, Gate::None, Advantage::Grpo)).unwrap();
+    let sd = 3f64.sqrt();
+    for (got, want) in out.advantages.iter().zip([0.0, 2.0 / sd, -1.0 / sd, -1.0 / sd]) {
+        assert!((got - want).abs() < 1e-12, "{:?}", out.advantages);
+    }
+    // Subnormal rewards are no trouble either.
+    let tiny = regularize(Some(&[5e-324, 0.0, 1e-320]), &[f64::NAN; 3], &[3], config(0.1, Gate::None, Advantage::Grpo))
+        .unwrap();
+    assert!(tiny.advantages.iter().all(|a| a.is_finite()));
+}
+
+#[test]
+fn fingerprint_means_of_values_near_the_float64_limit() {
+    let h = [f64::MAX, f64::MAX / 2.0, f64::MAX, f64::MAX / 4.0];
+    let g = [0.1, 0.4, 0.2, 0.3];
+    let f = fingerprint(&h, &g, Some(&[1, 2, 1, 2]), None, Method::Pearson, 2).unwrap();
+    assert_eq!(f.entropy_mean, f64::MAX * 0.6875);
+    assert!(f.pooled.unwrap().is_finite() && f.unique.unwrap().unwrap().is_finite());
+}
