@@ -29,7 +29,7 @@ from rich.table import Table
 import corrpo
 from corrpo.client import RewardClient, prepare
 from corrpo.scoring import ScoreConfig
-from corrpo_server.process import ServerProcess
+from corrpo_server import ServerProcess
 
 console = Console()
 VOCAB = 151_936

@@ -51,7 +51,7 @@ def main() -> None:
     from corrpo.train.state import save_atomic
     from corrpo.train.strengths import ParameterStrengths
     from corrpo.train.task import EOS, PAD, AdditionTask
-    from corrpo_server.process import ServerProcess
+    from corrpo_server import ServerProcess
 
     cfg = configuration.load(args.config, {})
     task = AdditionTask(cfg.digits, cfg.data_seed, cfg.eval_size)

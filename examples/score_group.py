@@ -63,7 +63,7 @@ def main() -> None:
 
     server = None
     if args.target is None:
-        from corrpo_server.process import ServerProcess
+        from corrpo_server import ServerProcess
 
         server = ServerProcess()
         print(f"started corrpo-server (pid {server.process.pid}) on {server.target}")

@@ -29,7 +29,7 @@ SERVER_ARGS = ("--max-message-mib", "16", "--max-tokens", "200000")
 @pytest.fixture(scope="session")
 def server():
     """One reward server process on an ephemeral loopback port, shared by read-only tests."""
-    from corrpo_server.process import ServerProcess
+    from corrpo_server import ServerProcess
 
     with ServerProcess("--metrics-port", "0", *SERVER_ARGS) as process:
         yield process
@@ -38,7 +38,7 @@ def server():
 @pytest.fixture(scope="session")
 def triton_server():
     """The same with --backend triton: the GPU where there is one, else Triton's interpreter."""
-    from corrpo_server.process import ServerProcess
+    from corrpo_server import ServerProcess
 
     with ServerProcess("--backend", "triton", *SERVER_ARGS) as process:
         yield process

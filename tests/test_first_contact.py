@@ -18,7 +18,7 @@ import pytest
 
 import corrpo
 from corrpo.client import AsyncRewardClient, RewardClient, ServerUnavailableError
-from corrpo_server.process import ServerProcess
+from corrpo_server import ServerProcess
 from certs import make_pki
 from rollouts import make_rollouts
 

@@ -65,7 +65,7 @@ def policy(tiny):
 @pytest.fixture(scope="module")
 def rm_url(tiny):
     """corrpo-server --model on the policy, and our HTTP reward server in front of it."""
-    from corrpo_server.process import ServerProcess
+    from corrpo_server import ServerProcess
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with ServerProcess("--model", str(tiny), "--device", "cpu", env=env, ready_timeout=180) as server:

@@ -55,7 +55,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_server(model_dir):
-    from corrpo_server.process import ServerProcess
+    from corrpo_server import ServerProcess
 
     with ServerProcess("--model", str(model_dir), "--device", "cpu", env={"OMP_NUM_THREADS": "1"}, ready_timeout=180) as s:
         yield s

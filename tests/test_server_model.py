@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 import corrpo  # noqa: E402
 from corrpo.client import RewardClient  # noqa: E402
-from corrpo_server.process import ServerProcess  # noqa: E402
+from corrpo_server import ServerProcess  # noqa: E402
 from grpc_health.v1 import health_pb2  # noqa: E402
 from corrpo.testing import build_tiny_model  # noqa: E402
 

@@ -26,7 +26,7 @@ from corrpo.client import RewardClient
 from corrpo.v1 import reward_service_pb2 as pb
 from corrpo.v1 import reward_service_pb2_grpc as pb_grpc
 from corrpo.v1 import tensor_pb2
-from corrpo_server.process import ServerProcess
+from corrpo_server import ServerProcess
 from certs import make_pki
 from rollouts import make_rollouts
 

@@ -235,7 +235,7 @@ def _peak_rss_mib(pid: int) -> float:
 
 def test_64_mib_stream_in_4_mib_blocks_matches_and_memory_stays_bounded(rng):
     from corrpo.client import RewardClient
-    from corrpo_server.process import ServerProcess
+    from corrpo_server import ServerProcess
 
     vocab, rows = 32768, 512  # 512 rows of 128 KiB: 64 MiB of float32 logits
     logits = rng.standard_normal((rows, vocab), dtype=np.float32) * 3

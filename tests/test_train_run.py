@@ -206,7 +206,7 @@ def test_threads_size_every_pool_of_the_trainer_and_its_server() -> None:
         assert "torch" not in sys.modules
         _set_threads(1)
         import torch
-        from corrpo_server.process import ServerProcess
+        from corrpo_server import ServerProcess
         with ServerProcess() as server:
             environ = open(f"/proc/{server.process.pid}/environ").read().split("\\0")
         env = dict(v.split("=", 1) for v in environ if "=" in v)

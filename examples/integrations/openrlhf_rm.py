@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from corrpo.client import RewardClient
 from corrpo.integrations.openrlhf import ENDPOINT, CorrpoReward, make_app, split_query
 from corrpo.testing import build_tiny_model
-from corrpo_server.process import ServerProcess
+from corrpo_server import ServerProcess
 
 SAMPLES = 4  # OpenRLHF's --rollout.n_samples_per_prompt
 

@@ -29,7 +29,7 @@ from corrpo.client import RewardClient
 from corrpo.integrations.sglang import parse_generate
 from corrpo.integrations.sglang_server import SGLangServer
 from corrpo.testing import build_tiny_model
-from corrpo_server.process import ServerProcess
+from corrpo_server import ServerProcess
 
 PROMPTS = ["two plus three is", "the cat sat on"]
 

@@ -42,7 +42,7 @@ def main() -> None:
 
     from corrpo.integrations.slime import corrpo_advantage, corrpo_rm
     from corrpo.testing import build_tiny_model
-    from corrpo_server.process import ServerProcess
+    from corrpo_server import ServerProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_model(f"{tmp}/model")

@@ -24,7 +24,7 @@ from trl import GRPOConfig, GRPOTrainer
 from corrpo.client import RewardClient
 from corrpo.integrations.trl import CorrpoReward
 from corrpo.testing import build_tiny_model
-from corrpo_server.process import ServerProcess
+from corrpo_server import ServerProcess
 
 
 def verifier(prompts, completions, **kwargs):

@@ -92,7 +92,7 @@ def main() -> None:
 
     from corrpo.gradients import response_strengths
     from corrpo.testing import build_tiny_model
-    from corrpo_server.process import ServerProcess
+    from corrpo_server import ServerProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_model(f"{tmp}/model")

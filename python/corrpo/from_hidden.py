@@ -3,13 +3,15 @@ never want the [T, V] logits in memory."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
+from . import _cpu, _triton
 from ._arrays import is_torch, lengths_vector, real, vector
 from .errors import ConfigError, ShapeError
-from .stats import TokenStats, head_grad_norm, native_stats, uses_triton
+from .stats import TokenStats, uses_triton
 
 # Logits the CPU path holds at once (float32), whatever T is.
 _CHUNK_BYTES = 64 << 20
@@ -47,36 +49,23 @@ def token_stats_from_hidden(
             "corrpo.token_stats_from_hidden takes torch tensors and needs torch: pip install 'corrpo[torch]' "
             "(token_stats, score and the rest of corrpo's in-process API need only NumPy)"
         ) from None
-    rows, vocab = _check(hidden, lm_head_weight)
-
+    rows = _check(hidden, lm_head_weight)
+    hidden, weight = hidden.detach(), lm_head_weight.detach()
     if hidden.dtype == torch.float64:  # as for logits: read as float32
-        hidden, lm_head_weight = hidden.detach().float(), lm_head_weight.detach().float()
+        hidden, weight = hidden.float(), weight.float()
     if uses_triton(hidden, backend):
-        from . import _triton
-
-        return _triton.token_stats_from_hidden(hidden, lm_head_weight, token_ids, temperature, lengths)
-    if hidden.device.type != "cpu" or lm_head_weight.device.type != "cpu":
+        reduce = partial(_triton.token_stats_from_hidden, *_triton.stage_hidden(hidden, weight))
+    elif hidden.device.type != "cpu":
         raise ConfigError(f"backend 'cpu' reads CPU memory, but the tensors are on {hidden.device}; pass tensor.cpu()")
+    else:
+        reduce = partial(_cpu.token_stats_from_hidden, hidden, weight, chunk_bytes=_CHUNK_BYTES)
     ids = vector(token_ids, np.int64, "token_ids", rows)
     spans = None if lengths is None else lengths_vector(lengths, rows, "hidden")
-    temperature = real(temperature, "temperature")
-    h, w = hidden.detach(), lm_head_weight.detach().float()
-    norms = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).numpy()
-    step = max(1, _CHUNK_BYTES // (4 * vocab))
-    parts = []
-    # One pass even for T = 0, so that the settings are still checked.
-    for start in range(0, max(rows, 1), step):
-        logits = (h[start : start + step].float() @ w.T).numpy()
-        chunk = slice(start, start + step)
-        parts.append(native_stats(logits, "float32", ids[chunk], temperature, None, spans, first_row=start))
-    entropy, logprob, collision, grad_norm = (
-        np.concatenate([getattr(p, name) for p in parts]) for name in ("entropy", "logprob", "collision", "grad_norm")
-    )
-    return TokenStats(entropy, logprob, collision, grad_norm, head_grad_norm=head_grad_norm(grad_norm, norms))
+    return TokenStats(*reduce(ids, real(temperature, "temperature"), spans))
 
 
-def _check(hidden: Any, weight: Any) -> tuple[int, int]:
-    """(T, V) of a valid pair of hidden states and LM-head weight."""
+def _check(hidden: Any, weight: Any) -> int:
+    """T of a valid pair of hidden states and LM-head weight."""
     for name, x in (("hidden", hidden), ("lm_head_weight", weight)):
         if not is_torch(x):
             raise ConfigError(f"{name} must be a torch tensor, got {type(x).__name__}")
@@ -97,4 +86,4 @@ def _check(hidden: Any, weight: Any) -> tuple[int, int]:
         )
     if hidden.device != weight.device:
         raise ConfigError(f"hidden is on {hidden.device}, but lm_head_weight is on {weight.device}")
-    return hidden.shape[0], weight.shape[0]
+    return hidden.shape[0]

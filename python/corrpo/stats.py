@@ -1,15 +1,21 @@
-"""Per-token statistics of the next-token distribution (SPEC 2)."""
+"""Per-token statistics of the next-token distribution (SPEC 2): the dispatcher.
+
+``token_stats`` (and ``from_hidden.token_stats_from_hidden``) convert and check the user's
+input once, pick a backend, and hand it checked arrays: ``_cpu`` (the native core) or
+``_triton`` (the kernels of corrpo-kernels). Backends import no dispatcher.
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from . import _native
+from . import _cpu, _native, _triton
 from ._arrays import is_torch, lengths_vector, logits_buffer, real, vector
 from .errors import ConfigError
 
@@ -92,15 +98,15 @@ def token_stats(
     core does whichever backend ran.
     """
     if uses_triton(logits, backend):
-        from . import _triton
-
-        return _triton.token_stats(logits, token_ids, temperature, hidden_norms, lengths)
-    array, dtype = logits_buffer(logits)
-    rows = array.shape[0]
+        staged = _triton.stage_logits(logits)
+        rows, reduce = staged.rows, partial(_triton.token_stats, staged)
+    else:
+        array, dtype = logits_buffer(logits)
+        rows, reduce = array.shape[0], partial(_cpu.token_stats, array, dtype)
     ids = vector(token_ids, np.int64, "token_ids", rows)
     norms = None if hidden_norms is None else vector(hidden_norms, np.float32, "hidden_norms", rows)
     spans = None if lengths is None else lengths_vector(lengths, rows, "logits")
-    return native_stats(array, dtype, ids, real(temperature, "temperature"), norms, spans)
+    return TokenStats(*reduce(ids, real(temperature, "temperature"), norms, spans))
 
 
 def uses_triton(x: Any, backend: str) -> bool:
@@ -110,22 +116,3 @@ def uses_triton(x: Any, backend: str) -> bool:
     if backend == "auto":
         return is_torch(x) and x.device.type == "cuda"
     return backend == "triton"
-
-
-def head_grad_norm(grad_norm: np.ndarray, hidden_norms: np.ndarray) -> np.ndarray:
-    """G * ||h|| in float64, rounded once, as the native core forms it."""
-    return (grad_norm.astype(np.float64) * hidden_norms).astype(np.float32)
-
-
-def native_stats(
-    array: np.ndarray,
-    dtype: str,
-    ids: np.ndarray,
-    temperature: float,
-    norms: np.ndarray | None,
-    spans: np.ndarray | None,
-    first_row: int = 0,
-) -> TokenStats:
-    """The native core on checked arrays; `first_row` is the batch row of ``array[0]``."""
-    h, l, c, g, head = _native.token_stats(array, dtype, ids, temperature, norms, spans, None, first_row)
-    return TokenStats(entropy=h, logprob=l, collision=c, grad_norm=g, head_grad_norm=head)

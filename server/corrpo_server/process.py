@@ -16,12 +16,24 @@ from pathlib import Path
 class ServerProcess:
     """Starts ``corrpo-server serve`` on a free port with ``args``, and waits until it serves.
 
-        with ServerProcess() as server:
+        with corrpo_server.ServerProcess("--model", "path/to/model") as server:
             client = RewardClient(server.target)
 
-    ``stop()`` sends SIGTERM (a graceful drain) and returns the exit code. The server also
-    drains and exits when the process that started it dies, however it dies
-    (``--parent-pid``).
+    The server runs as ``sys.executable -m corrpo_server``: the one installed beside the
+    caller, whatever ``corrpo-server`` comes first on PATH. It drains and exits when the
+    process that started it dies, however it dies (``--parent-pid``), so it never outlives
+    its trainer. ``stop()`` (and leaving the ``with`` block) sends SIGTERM, a graceful
+    drain, and returns the exit code.
+
+    args: flags of ``corrpo-server serve`` (``--port`` among them picks the port, else a
+        free one is taken). host: the address to listen on. env: variables added to this
+        process's environment for the server. log: where its output goes (JSON lines),
+        else a temporary file. ready_timeout: seconds to wait for it to serve; a server
+        that exits or does not serve by then raises RuntimeError or TimeoutError with its
+        log, and nothing is left running.
+
+    Attributes: ``target`` (host:port for ``RewardClient``), ``port``, ``metrics_port``
+    (None without ``--metrics-port``), ``log_path``, ``process`` (the ``subprocess.Popen``).
     """
 
     def __init__(
@@ -48,18 +60,27 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-        deadline = time.monotonic() + ready_timeout
+        try:
+            ports = self._wait_for(port_file, ready_timeout)
+        except BaseException:
+            self.kill()
+            self._log.close()
+            self._dir.cleanup()
+            raise
+        self.host = host
+        self.port: int = ports["port"]
+        self.metrics_port: int | None = ports["metrics_port"]
+
+    def _wait_for(self, port_file: Path, timeout: float) -> dict:
+        """The ports the server wrote once it serves (``--port-file``)."""
+        deadline = time.monotonic() + timeout
         while not port_file.exists():
             if self.process.poll() is not None:
                 raise RuntimeError(f"corrpo-server exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
-                self.process.kill()
-                raise TimeoutError(f"corrpo-server was not serving after {ready_timeout} s:\n{self.log()}")
+                raise TimeoutError(f"corrpo-server was not serving after {timeout} s:\n{self.log()}")
             time.sleep(0.02)
-        ports = json.loads(port_file.read_text())
-        self.host = host
-        self.port: int = ports["port"]
-        self.metrics_port: int | None = ports["metrics_port"]
+        return json.loads(port_file.read_text())
 
     @property
     def target(self) -> str:

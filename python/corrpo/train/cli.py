@@ -48,7 +48,7 @@ def _set_threads(threads: int) -> None:
 
 def _local_server(out: Path, cfg: TrainConfig) -> Any:
     try:
-        from corrpo_server.process import ServerProcess
+        from corrpo_server import ServerProcess
     except ImportError:
         raise SystemExit(
             "corrpo-train starts a local corrpo-server unless --server host:port is given, "
