@@ -4,7 +4,8 @@
 #               scored by a reward server it starts, with a progress bar, ending with the
 #               table, a few lines on how to read it, and the plot's path
 #   make test   build, then run every check: cargo fmt/clippy/test, proto stubs, pytest,
-#               and make test-integrations (a real SGLang engine, in .venv-sglang)
+#               make test-integrations (a real SGLang engine, in .venv-sglang) and
+#               make test-wheels (the manylinux2014 wheels, tested in a venv without Rust)
 # Each installs what it needs itself (a venv under .venv, the native extension).
 
 PYTHON ?= python3
@@ -90,7 +91,7 @@ test-integrations:
 	bash tests/sglang_engine/setup.sh
 	.venv-sglang/bin/python -m pytest -q tests/test_integrations_sglang_engine.py
 
-test: lint proto-check test-rust test-python test-integrations
+test: lint proto-check test-rust test-python test-integrations test-wheels
 
 bench: native $(VENV)/.test-deps
 	$(PY) bench/bench_token_stats.py
@@ -130,4 +131,48 @@ fingerprint-study: native $(VENV)/.gradients-deps $(VENV)/.train-deps
 	PY=$(PY) bash examples/fingerprint/study.sh
 
 clean:
-	rm -rf $(VENV) target python/corrpo/_native*.so
+	rm -rf $(VENV) .venv-sglang .venv-build dist target python/corrpo/_native*.so
+
+# The wheels that install where RL jobs run, all in $(DIST): corrpo's abi3 wheel for glibc >=
+# 2.17 (manylinux2014: zig links it against glibc 2.17's symbols; stripped) per target of
+# WHEEL_TARGETS, corrpo's sdist, and the pure-Python wheels of corrpo-server and
+# corrpo-kernels. The pinned tools live in their own venv and the Rust build in its own
+# target dir, so neither .venv nor the incremental builds of `make test` are touched.
+# `auditwheel show` must find each corrpo wheel consistent with manylinux_2_17.
+.PHONY: wheels test-wheels
+DIST          ?= dist
+# The aarch64 wheel too: WHEEL_TARGETS="x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu"
+# (rustup fetches that target's standard library once).
+WHEEL_TARGETS ?= x86_64-unknown-linux-gnu
+WHEEL_VENV    := .venv-build
+WHEEL_PY      := $(abspath $(WHEEL_VENV)/bin/python)
+WHEEL_BUILD   := target/manylinux
+WHEEL_TOOLS   := "maturin==1.16.0" "ziglang==0.15.2" "auditwheel==6.8.2" "setuptools==84.2.1"
+wheels:
+	test -x $(WHEEL_PY) || $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_PY) -m pip install -q --disable-pip-version-check $(WHEEL_TOOLS)
+	for target in $(WHEEL_TARGETS); do \
+		rustup target list --installed | grep -qx $$target || rustup target add $$target || exit 1; \
+	done
+	mkdir -p $(DIST) && rm -f $(DIST)/corrpo-*.whl $(DIST)/corrpo_*.whl $(DIST)/corrpo-*.tar.gz
+	for target in $(WHEEL_TARGETS); do \
+		PATH="$(dir $(WHEEL_PY)):$$PATH" PYO3_PYTHON=$(WHEEL_PY) $(WHEEL_PY) -m maturin build --release --locked \
+			--strip --compatibility manylinux2014 --zig --target $$target --target-dir $(WHEEL_BUILD) \
+			-i $(WHEEL_PY) -o $(DIST) || exit 1; \
+	done
+	for wheel in $(DIST)/corrpo-*-abi3-*.whl; do \
+		$(WHEEL_PY) -m auditwheel show $$wheel | tee $(WHEEL_BUILD)/auditwheel.txt && \
+		grep -q '"manylinux_2_17_' $(WHEEL_BUILD)/auditwheel.txt || { echo "$$wheel: not manylinux_2_17" >&2; exit 1; }; \
+	done
+	$(WHEEL_PY) -m maturin sdist -o $(DIST)
+	# From a copy: setuptools would leave build/ folders in server/ and kernels/.
+	rm -rf $(WHEEL_BUILD)/py && mkdir -p $(WHEEL_BUILD)/py && cp -r server kernels $(WHEEL_BUILD)/py/
+	rm -rf $(WHEEL_BUILD)/py/*/build $(WHEEL_BUILD)/py/*/*.egg-info
+	$(WHEEL_PY) -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w $(DIST) \
+		$(WHEEL_BUILD)/py/server $(WHEEL_BUILD)/py/kernels
+	ls -l $(DIST)
+
+# The wheels in a fresh venv without Rust: the API against corrpo.reference on every SIMD
+# path, a server from the installed console script, a client scoring through it.
+test-wheels: wheels
+	PYTHON=$(PYTHON) bash tests/wheels/smoke.sh $(DIST)
