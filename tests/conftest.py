@@ -50,3 +50,22 @@ def client(server):
 
     with RewardClient(server.target, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama and its tokenizer (corrpo.testing.build_tiny_model, seed 0)."""
+    from corrpo.testing import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_server(tiny_model_dir):
+    """A server holding the tiny model (--model): tokens payloads get the paper's measure."""
+    from corrpo_server import ServerProcess
+
+    with ServerProcess("--model", str(tiny_model_dir), "--device", "cpu", env={"OMP_NUM_THREADS": "1"}, ready_timeout=180) as s:
+        yield s

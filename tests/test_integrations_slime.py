@@ -27,7 +27,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import corrpo  # noqa: E402
-from corrpo.testing import build_tiny_model  # noqa: E402
 
 N = 4  # args.n_samples_per_prompt
 PROMPTS = ["the cat sat on", "what is two plus three", "a dog ran"]
@@ -54,26 +53,11 @@ class Sample:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("slime") / "model"
-    build_tiny_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_server(model_dir):
-    from corrpo_server import ServerProcess
-
-    with ServerProcess("--model", str(model_dir), "--device", "cpu", env={"OMP_NUM_THREADS": "1"}, ready_timeout=180) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def samples(model_dir) -> list[Sample]:
+def samples(tiny_model_dir) -> list[Sample]:
     """Groups of N samples, in slime's order (a group's samples together)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rng = np.random.default_rng(17)
     words = list(range(4, len(tokenizer)))  # not <unk> <pad> <s> </s>
     out = []
@@ -92,13 +76,13 @@ def verify(sample: Sample) -> float:
     return 1.0 if sample.label in sample.response.split() else 0.0
 
 
-def reference(model_dir, samples: list[Sample], rewards, settings: dict) -> corrpo.Scores:
+def reference(tiny_model_dir, samples: list[Sample], rewards, settings: dict) -> corrpo.Scores:
     """corrpo in-process: the exact strength of each sample alone, then corrpo.score."""
     from transformers import AutoModelForCausalLM
 
     from corrpo.gradients import token_strengths
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     h, s = [], []
     for sample in samples:
         start = len(sample.tokens) - sample.response_length
@@ -115,7 +99,7 @@ SETTINGS = {"coef": 0.5, "gate": "none", "min_tokens": 4, "measure": "l1_mean", 
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch, model_server):
+def user_module(tmp_path, monkeypatch, tiny_model_server):
     """The user's own hook file, as slime's --custom-rm-path / --custom-advantage-function-path
     would name it (``my_rewards.rm``)."""
     (tmp_path / "my_rewards.py").write_text(
@@ -130,10 +114,10 @@ def user_module(tmp_path, monkeypatch, model_server):
                 return [1.0 if s.label in s.response.split() else 0.0 for s in samples]
 
             options = {{"timeout": 120}}
-            rm = corrpo_rm(verify, target={model_server.target!r}, client_options=options, **{SETTINGS!r})
-            group_rm = corrpo_rm(verify_group, target={model_server.target!r}, client_options=options, **{SETTINGS!r})
+            rm = corrpo_rm(verify, target={tiny_model_server.target!r}, client_options=options, **{SETTINGS!r})
+            group_rm = corrpo_rm(verify_group, target={tiny_model_server.target!r}, client_options=options, **{SETTINGS!r})
             drgrpo = corrpo_advantage(
-                target={model_server.target!r}, client_options=options, advantage="drgrpo", **{SETTINGS!r}
+                target={tiny_model_server.target!r}, client_options=options, advantage="drgrpo", **{SETTINGS!r}
             )
             """
         )
@@ -143,7 +127,7 @@ def user_module(tmp_path, monkeypatch, model_server):
     sys.modules.pop("my_rewards", None)
 
 
-def test_rm_per_sample_equals_corrpo_in_process(model_dir, samples, user_module):
+def test_rm_per_sample_equals_corrpo_in_process(tiny_model_dir, samples, user_module):
     rm = load_function(f"{user_module}.rm")
     args = SimpleNamespace(n_samples_per_prompt=N, group_rm=False)
 
@@ -153,16 +137,16 @@ def test_rm_per_sample_equals_corrpo_in_process(model_dir, samples, user_module)
     got = asyncio.run(rollout())
     rewards = [verify(s) for s in samples]
     assert 0 < sum(rewards) < len(rewards)
-    want = reference(model_dir, samples, rewards, SETTINGS)
+    want = reference(tiny_model_dir, samples, rewards, SETTINGS)
     assert math.isnan(want.rho[2]) and got[2] == rewards[2]  # undefined rho: r unchanged
     np.testing.assert_allclose(got, want.rewards, rtol=1e-5, atol=1e-6)
     assert all(isinstance(x, float) for x in got)
 
 
-def test_group_rm_equals_corrpo_in_process(model_dir, samples, user_module):
+def test_group_rm_equals_corrpo_in_process(tiny_model_dir, samples, user_module):
     group_rm = load_function(f"{user_module}.group_rm")
     args = SimpleNamespace(n_samples_per_prompt=N, group_rm=True)
-    want = reference(model_dir, samples, [verify(s) for s in samples], SETTINGS)
+    want = reference(tiny_model_dir, samples, [verify(s) for s in samples], SETTINGS)
     for g in range(len(samples) // N):
         got = asyncio.run(group_rm(args, samples[g * N : (g + 1) * N]))
         np.testing.assert_allclose(got, want.rewards[g * N : (g + 1) * N], rtol=1e-5, atol=1e-6)
@@ -183,8 +167,8 @@ def rollout_data(samples: list[Sample], rewards: list[float]) -> dict[str, list]
 
 
 @pytest.mark.parametrize("hook", ["corrpo.integrations.slime.advantage", "my_rewards.drgrpo"])
-def test_advantage_equals_corrpo_in_process(model_dir, samples, user_module, model_server, monkeypatch, hook):
-    monkeypatch.setenv("CORRPO_TARGET", model_server.target)  # the module's default hook reads it
+def test_advantage_equals_corrpo_in_process(tiny_model_dir, samples, user_module, tiny_model_server, monkeypatch, hook):
+    monkeypatch.setenv("CORRPO_TARGET", tiny_model_server.target)  # the module's default hook reads it
     fn = load_function(hook)
     args = SimpleNamespace(n_samples_per_prompt=N, disable_rewards_normalization=True)
     rewards = [verify(s) for s in samples]
@@ -196,7 +180,7 @@ def test_advantage_equals_corrpo_in_process(model_dir, samples, user_module, mod
     else:  # the defaults: coef 0.1, gate correct, min_tokens 8, the paper's l1_mean (subsample
         # keeps every token of responses up to 16 long, so it equals exact here)
         settings, advantage = {"gate": "correct", "measure": "l1_mean", "estimator": "exact"}, "grpo"
-    want = reference(model_dir, samples, rewards, settings)
+    want = reference(tiny_model_dir, samples, rewards, settings)
     expected = np.concatenate(
         [
             corrpo.reference.regularize(want.rewards[g : g + N], np.full(N, np.nan), [N], advantage=advantage)["advantages"]

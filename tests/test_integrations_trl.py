@@ -109,3 +109,34 @@ def test_verifier_free_rewards_are_minus_coef_rho(tmp_path, server):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, -0.3 * np.nan_to_num(reward.last.rho), rtol=1e-6, atol=1e-9)
     assert np.count_nonzero(got) >= 6
+
+
+def test_head_logit_grad_is_computed_exactly_from_the_logits(tmp_path, server):
+    """A logit-space measure other than G (the LM head's gradient) takes no estimator: the
+    reward scores it exactly and sends it as S beside G."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corrpo.client import RewardClient
+    from corrpo.gradients import token_strengths
+    from corrpo.integrations.trl import CorrpoReward
+
+    build_tiny_model(tmp_path / "model", seed=2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    prompts = ["a dog ran in"] * 4
+    rng = np.random.default_rng(1)
+    completion_ids = [rng.integers(4, len(tokenizer), size=int(n)).tolist() for n in rng.integers(6, 10, size=4)]
+    with RewardClient(server.target) as client:
+        reward = CorrpoReward(model, tokenizer, client, num_generations=4, measure="head_logit_grad", coef=0.2, min_tokens=4)
+        got = reward(prompts, tokenizer.batch_decode(completion_ids), completion_ids)
+    assert reward.last.config.measure == "head_logit_grad" and reward.last.config.estimator == "exact"
+    h, s, lengths = [], [], []
+    for completion in completion_ids:
+        p = tokenizer(text=[prompts[0]])["input_ids"][0]
+        row = torch.tensor(list(p) + completion)
+        out = token_strengths(model, row, np.arange(len(p), len(row)), measures=("head_logit_grad",), estimator="logit_grad")
+        h.append(out.entropy_bits * math.log(2))
+        s.append(out.head_logit_grad)
+        lengths.append(len(completion))
+    want = corrpo.score(np.concatenate(h), np.concatenate(s), lengths, [4], config=corrpo.ScoreConfig(measure="head_logit_grad", coef=0.2, min_tokens=4))
+    np.testing.assert_allclose(got, want.rewards, rtol=1e-5, atol=1e-6)

@@ -28,7 +28,6 @@ ray_trainer = pytest.importorskip("verl.trainer.ppo.ray_trainer")
 
 import corrpo  # noqa: E402
 from corrpo.integrations import verl as corrpo_verl  # noqa: E402
-from corrpo.testing import build_tiny_model  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.config import AlgoConfig  # noqa: E402
@@ -47,30 +46,15 @@ PAD = 1
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("verl") / "model"
-    build_tiny_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_server(model_dir):
-    from corrpo_server import ServerProcess
-
-    with ServerProcess("--model", str(model_dir), "--device", "cpu", env={"OMP_NUM_THREADS": "1"}, ready_timeout=180) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
+def tokenizer(tiny_model_dir):
     from verl.utils import hf_tokenizer
 
-    return hf_tokenizer(str(model_dir))
+    return hf_tokenizer(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
-def verifier_file(model_dir):
-    path = model_dir.parent / "verifier.py"
+def verifier_file(tiny_model_dir):
+    path = tiny_model_dir.parent / "verifier.py"
     path.write_text(VERIFIER)
     return path
 
@@ -124,13 +108,13 @@ def verdicts(tokenizer, responses) -> list[float]:
     ]
 
 
-def reference(model_dir, prompts, responses, rewards, settings: dict) -> corrpo.Scores:
+def reference(tiny_model_dir, prompts, responses, rewards, settings: dict) -> corrpo.Scores:
     """corrpo in-process: the exact strength of each rollout alone (unpadded), then
     corrpo.score over the batch in batch order."""
     from corrpo.gradients import token_strengths
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     h, s = [], []
     for p, r in zip(prompts, responses):
         row = torch.tensor(list(p) + list(r))
@@ -150,7 +134,7 @@ def last_token_rows(data: DataProto, values) -> torch.Tensor:
     return want
 
 
-def reward_loop_config(model_dir, verifier_file, source: str, corrpo_settings: dict):
+def reward_loop_config(tiny_model_dir, verifier_file, source: str, corrpo_settings: dict):
     by_path = {"path": "pkg://corrpo.integrations.verl", "name": None}
     manager = (
         {"source": "register", "name": "corrpo", "module": {"path": None, "name": None}}
@@ -159,7 +143,7 @@ def reward_loop_config(model_dir, verifier_file, source: str, corrpo_settings: d
     )
     return OmegaConf.create(
         {
-            "actor_rollout_ref": {"model": {"path": str(model_dir), "tokenizer_path": None}},
+            "actor_rollout_ref": {"model": {"path": str(tiny_model_dir), "tokenizer_path": None}},
             "reward": {
                 "custom_reward_function": {"path": str(verifier_file), "name": "compute_score", "reward_kwargs": {}},
                 "reward_manager": manager,
@@ -172,13 +156,13 @@ def reward_loop_config(model_dir, verifier_file, source: str, corrpo_settings: d
 
 
 @pytest.mark.parametrize("source", ["register", "importlib"])
-def test_reward_loop_worker_scores_with_corrpo(model_dir, model_server, verifier_file, tokenizer, batch, source):
+def test_reward_loop_worker_scores_with_corrpo(tiny_model_dir, tiny_model_server, verifier_file, tokenizer, batch, source):
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
     from verl.trainer.ppo.reward import resolve_reward_manager_cls
 
     data, prompts, responses = batch
     settings = {"coef": 0.5, "min_tokens": 4, "measure": "l1_mean", "estimator": "exact"}
-    config = reward_loop_config(model_dir, verifier_file, source, {"target": model_server.target, "timeout": 120, **settings})
+    config = reward_loop_config(tiny_model_dir, verifier_file, source, {"target": tiny_model_server.target, "timeout": 120, **settings})
     worker = RewardLoopWorker(config)  # what each Ray reward worker builds
     assert type(worker.reward_manager) is corrpo_verl.CorrpoRewardManager
     outputs = worker.loop.run_until_complete(worker.compute_score_batch(data))
@@ -187,7 +171,7 @@ def test_reward_loop_worker_scores_with_corrpo(model_dir, model_server, verifier
 
     rewards = verdicts(tokenizer, responses)
     assert 0 < sum(rewards) < len(rewards)
-    want = reference(model_dir, prompts, responses, rewards, {**settings, "gate": "correct"})  # gate's default
+    want = reference(tiny_model_dir, prompts, responses, rewards, {**settings, "gate": "correct"})  # gate's default
     got = [o["reward_score"] for o in outputs]
     np.testing.assert_allclose(got, want.rewards, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rm_scores, last_token_rows(data, want.rewards), rtol=1e-5, atol=1e-6)
@@ -200,7 +184,7 @@ def test_reward_loop_worker_scores_with_corrpo(model_dir, model_server, verifier
     np.testing.assert_allclose(info["corrpo_strength_mean"], want.grad_norm_mean, rtol=1e-5)
 
 
-def test_batch_reward_manager_groups_by_uid_in_any_order(model_dir, model_server, verifier_file, tokenizer, batch):
+def test_batch_reward_manager_groups_by_uid_in_any_order(tiny_model_dir, tiny_model_server, verifier_file, tokenizer, batch):
     from verl.utils.import_utils import load_extern_object
     from verl.workers.reward_manager import get_reward_manager_cls
 
@@ -208,11 +192,11 @@ def test_batch_reward_manager_groups_by_uid_in_any_order(model_dir, model_server
     settings = {"coef": 0.5, "min_tokens": 4, "measure": "l1_mean", "estimator": "exact", "gate": "none"}
     manager = get_reward_manager_cls("corrpo")(
         tokenizer, num_examine=0, compute_score=load_extern_object(str(verifier_file), "compute_score"),
-        corrpo={"target": model_server.target, "timeout": 120, **settings},
+        corrpo={"target": tiny_model_server.target, "timeout": 120, **settings},
     )  # fmt: skip
     out = manager(data, return_dict=True)
 
-    want = reference(model_dir, prompts, responses, verdicts(tokenizer, responses), settings)
+    want = reference(tiny_model_dir, prompts, responses, verdicts(tokenizer, responses), settings)
     torch.testing.assert_close(out["reward_tensor"], last_token_rows(data, want.rewards), rtol=1e-5, atol=1e-6)
     info = out["reward_extra_info"]
     np.testing.assert_allclose(info["corrpo_rho"], want.rho, rtol=1e-5, atol=1e-6)
@@ -250,14 +234,14 @@ def test_batch_reward_manager_needs_uid(tokenizer, batch):
         ({"min_tokens": 1}, "min_tokens"),
     ],
 )
-def test_bad_settings_fail_when_the_manager_is_built(model_dir, verifier_file, tokenizer, settings, message):
+def test_bad_settings_fail_when_the_manager_is_built(tiny_model_dir, verifier_file, tokenizer, settings, message):
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
     from verl.workers.reward_manager import get_reward_manager_cls
 
     with pytest.raises(corrpo.ConfigError, match=message):
         get_reward_manager_cls("corrpo")(tokenizer, num_examine=0, corrpo=settings)
     with pytest.raises(corrpo.ConfigError, match=message):
-        RewardLoopWorker(reward_loop_config(model_dir, verifier_file, "register", settings))
+        RewardLoopWorker(reward_loop_config(tiny_model_dir, verifier_file, "register", settings))
 
 
 def advantage_batch(seed: int):

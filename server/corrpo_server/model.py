@@ -21,7 +21,6 @@ import grpc
 import numpy as np
 
 import corrpo
-from corrpo.measures import LOGIT_MEASURES
 from corrpo.scoring import ScoreConfig
 
 from .batch import ScoredTokens
@@ -134,7 +133,7 @@ class PolicyModel:
     ) -> ScoredTokens:
         """H, S of ``config.measure`` and G of every response token (a subsample for the
         subsample estimator), in rollout order."""
-        from corrpo.gradients import response_strengths
+        from corrpo.gradients import measured_strengths
 
         with self._use:
             current = self._current
@@ -151,14 +150,13 @@ class PolicyModel:
                         raise invalid(
                             f"{path}.tokens.{name}[{bad[0]}] is {ids[bad[0]]}, outside the model's vocabulary of {current.vocab_size}"
                         )
-            logit_space = config.measure in LOGIT_MEASURES
-            out = response_strengths(
+            out = measured_strengths(
                 current.model,
                 [p for p, _ in rollouts],
                 [r for _, r in rollouts],
-                objective=config.objective or "logit",
-                measures=tuple(dict.fromkeys((config.measure, "logit_grad"))),
-                estimator="logit_grad" if logit_space else config.estimator,
+                measure=config.measure,
+                estimator=config.estimator,
+                objective=config.objective,
                 k=config.estimator_k,
                 seed=config.estimator_seed,
                 progress=lambda _n: alive(),

@@ -11,7 +11,7 @@ not import this package.
 from .architecture import ArchitectureError
 from ..measures import MEASURES, OBJECTIVES
 from .result import ESTIMATORS, TokenStrengths
-from .strengths import check_settings, response_strengths, token_strengths
+from .strengths import check_settings, measured_strengths, response_strengths, token_strengths
 
 __all__ = [
     "ESTIMATORS",
@@ -20,6 +20,7 @@ __all__ = [
     "ArchitectureError",
     "TokenStrengths",
     "check_settings",
+    "measured_strengths",
     "response_strengths",
     "token_strengths",
 ]

@@ -130,6 +130,35 @@ def response_strengths(model: nn.Module, prompt_ids: Sequence[Any], response_ids
     return token_strengths(model, torch.from_numpy(ids), positions, attention_mask=torch.from_numpy(mask), **settings)
 
 
+def measured_strengths(
+    model: nn.Module,
+    prompt_ids: Sequence[Any],
+    response_ids: Sequence[Any],
+    *,
+    measure: str,
+    estimator: str | None,
+    objective: str | None,
+    k: int | None = None,
+    seed: int = 0,
+    **settings: Any,
+) -> TokenStrengths:
+    """``response_strengths`` for a measure, estimator and objective as a request names them
+    (``corrpo.ScoreConfig``'s): a logit-space measure needs no estimator, and G comes beside
+    every measure, for the comparison fingerprint. What the model-backed server and the
+    adapters of ``corrpo.integrations`` score with."""
+    return response_strengths(
+        model,
+        prompt_ids,
+        response_ids,
+        objective=objective or "logit",
+        measures=tuple(dict.fromkeys((measure, "logit_grad"))),
+        estimator="logit_grad" if measure in LOGIT_MEASURES else estimator,
+        k=k,
+        seed=seed,
+        **settings,
+    )
+
+
 def check_settings(
     *,
     objective: str = "logit",

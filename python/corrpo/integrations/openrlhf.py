@@ -212,8 +212,7 @@ class CorrpoReward:
 
     def _score_in_process(self, prompt_ids: list[list[int]], response_ids: list[list[int]], rewards: Any, config: Any) -> Any:
         # What a corrpo-server started with --model does with a tokens payload.
-        from ..gradients import response_strengths
-        from ..measures import LOGIT_MEASURES
+        from ..gradients import measured_strengths
         from ..scoring import score
 
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
@@ -225,15 +224,14 @@ class CorrpoReward:
                     rollout=k,
                     token_id=bad[0],
                 )
-        logit_space = config.measure in LOGIT_MEASURES
         with self._model_lock:
-            out = response_strengths(
+            out = measured_strengths(
                 self.model,
                 prompt_ids,
                 response_ids,
-                objective=config.objective or "logit",
-                measures=tuple(dict.fromkeys((config.measure, "logit_grad"))),
-                estimator="logit_grad" if logit_space else config.estimator,
+                measure=config.measure,
+                estimator=config.estimator,
+                objective=config.objective,
                 k=config.estimator_k,
                 seed=config.estimator_seed,
             )

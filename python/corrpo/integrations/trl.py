@@ -64,9 +64,10 @@ class CorrpoReward:
         **settings: Any,
     ) -> None:
         from ..gradients import check_settings
+        from ..measures import LOGIT_MEASURES
 
-        wanted = "logit_grad" if measure == "logit_grad" else measure
-        check_settings(objective=objective, estimator="logit_grad" if wanted == "logit_grad" else estimator, measures=(wanted,), k=estimator_k)
+        logit_space = measure in LOGIT_MEASURES  # computed exactly from the logits: no estimator
+        check_settings(objective=objective, estimator="logit_grad" if logit_space else estimator, measures=(measure,), k=estimator_k)
         if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
             raise ValueError(f"num_generations must be an integer >= 2, got {num_generations!r}")
         self.model = model
@@ -75,8 +76,8 @@ class CorrpoReward:
         self.verifier = verifier
         self.num_generations = num_generations
         self.measure = measure
-        self.estimator = "exact" if measure == "logit_grad" else estimator
-        self.objective = None if measure == "logit_grad" else objective
+        self.estimator = "exact" if logit_space else estimator
+        self.objective = None if logit_space else objective
         self.estimator_k = estimator_k
         self.chat_template_kwargs = chat_template_kwargs or {}
         self.settings = {"gate": "correct" if verifier is not None else "none", **settings}
@@ -93,16 +94,15 @@ class CorrpoReward:
 
     def strengths(self, prompt_ids: list[list[int]], completion_ids: Sequence[Sequence[int]], seed: int) -> dict[str, Any]:
         """Per completion token H (nats), S and G on the model, in completion order."""
-        from ..gradients import response_strengths
+        from ..gradients import measured_strengths
 
-        logit_space = self.measure == "logit_grad"
-        out = response_strengths(
+        out = measured_strengths(
             self.model,
             prompt_ids,
             completion_ids,
-            objective=self.objective or "logit",
-            measures=tuple(dict.fromkeys((self.measure, "logit_grad"))),
-            estimator="logit_grad" if logit_space else self.estimator,
+            measure=self.measure,
+            estimator=self.estimator,
+            objective=self.objective,
             k=self.estimator_k,
             seed=seed,
         )
@@ -110,7 +110,8 @@ class CorrpoReward:
         return {
             "entropy": np.split(out.entropy_bits * math.log(2), bounds),
             "grad_norm": np.split(out.logit_grad, bounds),
-            "strength": None if logit_space else np.split(out.measure(self.measure), bounds),
+            # G rides in grad_norm; any other measure is S beside it.
+            "strength": None if self.measure == "logit_grad" else np.split(out.measure(self.measure), bounds),
             "token_ids": np.split(out.token_ids, bounds),
         }
 
