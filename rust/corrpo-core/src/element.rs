@@ -9,9 +9,11 @@ pub trait Element: Copy + Send + Sync + 'static {
     const NEG_INF: Self;
     const NAME: &'static str;
     fn to_f32(self) -> f32;
+    /// Loads `2 * S::LANES` elements as two f32 vectors, in memory order (so every element
+    /// type gives the results of its f32 widening, bit for bit).
     #[doc(hidden)]
     #[allow(private_bounds, private_interfaces)]
-    unsafe fn load<S: Simd>(p: *const Self) -> S::F;
+    unsafe fn load_pair<S: Simd>(p: *const Self) -> (S::F, S::F);
 }
 
 impl Element for f32 {
@@ -23,8 +25,8 @@ impl Element for f32 {
     }
     #[inline(always)]
     #[allow(private_bounds, private_interfaces)]
-    unsafe fn load<S: Simd>(p: *const Self) -> S::F {
-        unsafe { S::load(p) }
+    unsafe fn load_pair<S: Simd>(p: *const Self) -> (S::F, S::F) {
+        unsafe { (S::load(p), S::load(p.add(S::LANES))) }
     }
 }
 
@@ -37,8 +39,8 @@ impl Element for f16 {
     }
     #[inline(always)]
     #[allow(private_bounds, private_interfaces)]
-    unsafe fn load<S: Simd>(p: *const Self) -> S::F {
-        unsafe { S::load_f16(p.cast()) }
+    unsafe fn load_pair<S: Simd>(p: *const Self) -> (S::F, S::F) {
+        unsafe { (S::load_f16(p.cast()), S::load_f16(p.add(S::LANES).cast())) }
     }
 }
 
@@ -51,7 +53,7 @@ impl Element for bf16 {
     }
     #[inline(always)]
     #[allow(private_bounds, private_interfaces)]
-    unsafe fn load<S: Simd>(p: *const Self) -> S::F {
-        unsafe { S::load_bf16(p.cast()) }
+    unsafe fn load_pair<S: Simd>(p: *const Self) -> (S::F, S::F) {
+        unsafe { S::load_bf16_pair(p.cast()) }
     }
 }

@@ -9,6 +9,7 @@
 pub mod correlation;
 pub mod element;
 pub mod error;
+mod exp;
 mod math;
 pub mod rewards;
 pub mod rollouts;

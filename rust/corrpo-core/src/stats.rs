@@ -2,21 +2,28 @@
 //!
 //! Each row is swept once with online accumulators relative to a running maximum m:
 //! S0 = sum e^u, S1 = sum e^u u, S2 = sum e^2u with u = (z - m) / tau. Blocks of
-//! 4 vectors accumulate in f32 registers and are flushed into f64 every few blocks, so f32
-//! rounding never sees more than a few dozen terms. The emitted token is left out of the
-//! sweep and merged in f64 at the end: that gives 1 - p_y and sum_{j != y} p_j^2 directly,
-//! so grad_norm keeps full precision when p_y is close to 1 instead of cancelling.
+//! 4 vectors accumulate in f32 registers and are flushed into f64 registers every few blocks,
+//! so f32 rounding never sees more than a few dozen terms. The emitted token is left out of
+//! the sweep (read as -inf) and merged in f64 at the end: that gives 1 - p_y and
+//! sum_{j != y} p_j^2 directly, so grad_norm keeps full precision when p_y is close to 1
+//! instead of cancelling.
 
 use crate::element::Element;
 use crate::error::{Error, Location, LogitsFault, Result, TokenFault};
-use crate::math::{EXP_UNDERFLOW, exp_nonpositive};
+use crate::exp::{EXP_MIN, exp};
 use crate::simd::{Isa, Portable, Simd};
 use rayon::prelude::*;
 
-/// Vectors per block: independent accumulator chains that hide FMA latency.
+/// Vectors per block (even: elements are loaded in pairs of vectors): independent
+/// accumulator chains that hide FMA latency.
 const UNROLL: usize = 4;
-/// Blocks between f32 -> f64 flushes.
-const FLUSH_EVERY: usize = 8;
+/// f32 accumulators per moment: vector k of a block adds into accumulator k % ACCS. Fewer
+/// than UNROLL keeps AVX2's 16 registers from spilling; the chains stay short (UNROLL / ACCS
+/// dependent adds per block).
+const ACCS: usize = 2;
+/// Blocks between f32 -> f64 flushes: each f32 lane sums UNROLL / ACCS * FLUSH_EVERY = 32
+/// terms (at most 2e-6 relative rounding error, typically 3e-7) before it is widened.
+const FLUSH_EVERY: usize = 16;
 /// Widest vector, in lanes; sizes the padded tail buffer.
 const MAX_LANES: usize = 16;
 /// A rise of the running maximum by more than this (in units of u) underflows every
@@ -207,8 +214,7 @@ fn row_stats<E: Element>(row: &[E], token: i64, inv_tau: f32, isa: Isa) -> std::
         .ok_or(RowFault::Token(TokenFault::OutOfRange { token, vocab }))?;
 
     let mut acc = Online::EMPTY;
-    sweep(isa, &row[..y], inv_tau, &mut acc);
-    sweep(isa, &row[y + 1..], inv_tau, &mut acc);
+    sweep(isa, row, y, inv_tau, &mut acc);
     let z_y = row[y].to_f32();
 
     if acc.is_finite() && z_y.is_finite() {
@@ -292,62 +298,92 @@ impl Online {
     }
 }
 
-/// Accumulates `values` into `acc` with the chosen instruction set.
-fn sweep<E: Element>(isa: Isa, values: &[E], inv_tau: f32, acc: &mut Online) {
+/// Accumulates `values` except `values[hole]` into `acc` with the chosen instruction set.
+fn sweep<E: Element>(isa: Isa, values: &[E], hole: usize, inv_tau: f32, acc: &mut Online) {
+    // At tau = 1 (the usual case) the loop leaves out the multiply by 1/tau, which is exact
+    // there, so both instantiations give the same bits.
+    if inv_tau == 1.0 {
+        sweep_on::<E, false>(isa, values, hole, inv_tau, acc)
+    } else {
+        sweep_on::<E, true>(isa, values, hole, inv_tau, acc)
+    }
+}
+
+fn sweep_on<E: Element, const SCALED: bool>(isa: Isa, values: &[E], hole: usize, inv_tau: f32, acc: &mut Online) {
     match isa {
         // SAFETY: `token_stats` only passes instruction sets that `is_supported`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { sweep_avx512(values, inv_tau, acc) },
+        Isa::Avx512 => unsafe { sweep_avx512::<E, SCALED>(values, hole, inv_tau, acc) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { sweep_avx2(values, inv_tau, acc) },
-        _ => unsafe { sweep_with::<Portable, E>(values, inv_tau, acc) },
+        Isa::Avx2 => unsafe { sweep_avx2::<E, SCALED>(values, hole, inv_tau, acc) },
+        _ => unsafe { sweep_with::<Portable, E, SCALED>(values, hole, inv_tau, acc) },
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn sweep_avx512<E: Element>(values: &[E], inv_tau: f32, acc: &mut Online) {
-    unsafe { sweep_with::<crate::simd::Avx512, E>(values, inv_tau, acc) }
+unsafe fn sweep_avx512<E: Element, const SCALED: bool>(values: &[E], hole: usize, inv_tau: f32, acc: &mut Online) {
+    unsafe { sweep_with::<crate::simd::Avx512, E, SCALED>(values, hole, inv_tau, acc) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn sweep_avx2<E: Element>(values: &[E], inv_tau: f32, acc: &mut Online) {
-    unsafe { sweep_with::<crate::simd::Avx2, E>(values, inv_tau, acc) }
+unsafe fn sweep_avx2<E: Element, const SCALED: bool>(values: &[E], hole: usize, inv_tau: f32, acc: &mut Online) {
+    unsafe { sweep_with::<crate::simd::Avx2, E, SCALED>(values, hole, inv_tau, acc) }
 }
 
-/// The one SIMD body. Blocks of `UNROLL` vectors; a partial last block is padded with -inf.
+/// The one SIMD body. Blocks of `UNROLL` vectors, flushed to f64 every `FLUSH_EVERY`
+/// blocks. The block that holds `hole` and a partial last block are read from a copy with -inf
+/// in place of the hole and of the missing elements, so the row is swept once, from its start.
 #[inline(always)]
-unsafe fn sweep_with<S: Simd, E: Element>(values: &[E], inv_tau: f32, acc: &mut Online) {
+unsafe fn sweep_with<S: Simd, E: Element, const SCALED: bool>(
+    values: &[E],
+    hole: usize,
+    inv_tau: f32,
+    acc: &mut Online,
+) {
     let block = UNROLL * S::LANES;
-    let mut state = unsafe { Registers::<S>::new(acc, inv_tau) };
-    let mut blocks = values.chunks_exact(block);
-    for (i, chunk) in blocks.by_ref().enumerate() {
-        unsafe { state.block(chunk.as_ptr(), acc) };
-        if i % FLUSH_EVERY == FLUSH_EVERY - 1 {
-            unsafe { state.flush(acc) };
+    let mut state = unsafe { Registers::<S, SCALED>::new(acc, inv_tau) };
+    let patched = |from: usize| {
+        let mut copy = [E::NEG_INF; UNROLL * MAX_LANES];
+        let part = &values[from..values.len().min(from + block)];
+        copy[..part.len()].copy_from_slice(part);
+        if (from..from + block).contains(&hole) {
+            copy[hole - from] = E::NEG_INF;
         }
+        copy
+    };
+    let full = values.len() / block;
+    let hole_block = hole / block;
+    for group in (0..full).step_by(FLUSH_EVERY) {
+        for b in group..full.min(group + FLUSH_EVERY) {
+            if b == hole_block {
+                unsafe { state.block(patched(b * block).as_ptr(), acc) };
+            } else {
+                unsafe { state.block(values.as_ptr().add(b * block), acc) };
+            }
+        }
+        unsafe { state.flush() };
     }
-    let tail = blocks.remainder();
-    if !tail.is_empty() {
-        let mut padded = [E::NEG_INF; UNROLL * MAX_LANES];
-        padded[..tail.len()].copy_from_slice(tail);
-        unsafe { state.block(padded.as_ptr(), acc) };
+    if full * block < values.len() {
+        unsafe { state.block(patched(full * block).as_ptr(), acc) };
     }
-    unsafe { state.flush(acc) };
+    unsafe { state.settle(acc) };
 }
 
-/// The f32 register accumulators of a sweep, relative to `acc.m`.
-struct Registers<S: Simd> {
+/// The register accumulators of a sweep, relative to `acc.m`: f32 sums of the current few
+/// blocks, and per-lane f64 sums of the blocks before them.
+struct Registers<S: Simd, const SCALED: bool> {
     m: S::F,
     inv_tau: S::F,
     inv_tau_scalar: f32,
-    s0: [S::F; UNROLL],
-    s1: [S::F; UNROLL],
-    s2: [S::F; UNROLL],
+    s0: [S::F; ACCS],
+    s1: [S::F; ACCS],
+    s2: [S::F; ACCS],
+    wide: [S::D; 3],
 }
 
-impl<S: Simd> Registers<S> {
+impl<S: Simd, const SCALED: bool> Registers<S, SCALED> {
     #[inline(always)]
     unsafe fn new(acc: &Online, inv_tau: f32) -> Self {
         unsafe {
@@ -356,9 +392,10 @@ impl<S: Simd> Registers<S> {
                 m: S::splat(acc.m),
                 inv_tau: S::splat(inv_tau),
                 inv_tau_scalar: inv_tau,
-                s0: [zero; UNROLL],
-                s1: [zero; UNROLL],
-                s2: [zero; UNROLL],
+                s0: [zero; ACCS],
+                s1: [zero; ACCS],
+                s2: [zero; ACCS],
+                wide: [S::zero_f64(); 3],
             }
         }
     }
@@ -367,38 +404,62 @@ impl<S: Simd> Registers<S> {
     #[inline(always)]
     unsafe fn block<E: Element>(&mut self, p: *const E, acc: &mut Online) {
         unsafe {
-            let v: [S::F; UNROLL] = std::array::from_fn(|k| E::load::<S>(p.add(k * S::LANES)));
-            let block_max = S::max(S::max(v[0], v[1]), S::max(v[2], v[3]));
+            let mut v = [S::splat(0.0); UNROLL];
+            for pair in 0..UNROLL / 2 {
+                (v[2 * pair], v[2 * pair + 1]) = E::load_pair::<S>(p.add(2 * pair * S::LANES));
+            }
+            let mut block_max = v[0];
+            for &vk in &v[1..] {
+                block_max = S::max(block_max, vk);
+            }
             if S::any_gt(block_max, self.m) {
-                self.flush(acc);
+                self.settle(acc);
                 acc.raise(S::reduce_max(block_max), self.inv_tau_scalar);
                 self.m = S::splat(acc.m);
             }
-            for (k, &vk) in v.iter().enumerate() {
-                let u = S::mul(S::sub(vk, self.m), self.inv_tau);
-                let e = exp_nonpositive::<S>(u);
-                // Where e is 0, u may be -inf; 0 * -inf would poison S1, so use the clamp.
-                let u_finite = S::max(S::splat(EXP_UNDERFLOW), u);
-                self.s0[k] = S::add(self.s0[k], e);
-                self.s1[k] = S::fmadd(e, u_finite, self.s1[k]);
-                self.s2[k] = S::fmadd(e, e, self.s2[k]);
+            // -inf (masked entries, padding) becomes EXP_MIN, where e is exactly 0, so
+            // e * x is 0 rather than 0 * -inf = NaN. maxps keeps a NaN u.
+            let mut x = v;
+            for k in 0..UNROLL {
+                let d = S::sub(v[k], self.m);
+                let u = if SCALED { S::mul(d, self.inv_tau) } else { d };
+                x[k] = S::max(S::splat(EXP_MIN), u);
+            }
+            let e = exp::<S, UNROLL>(x);
+            for k in 0..UNROLL {
+                let a = k % ACCS;
+                self.s0[a] = S::add(self.s0[a], e[k]);
+                self.s1[a] = S::fmadd(e[k], x[k], self.s1[a]);
+                self.s2[a] = S::fmadd(e[k], e[k], self.s2[a]);
             }
         }
     }
 
-    /// Adds the register sums into the f64 accumulators and clears them.
+    /// Adds the f32 register sums into the per-lane f64 sums and clears them.
     #[inline(always)]
-    unsafe fn flush(&mut self, acc: &mut Online) {
+    unsafe fn flush(&mut self) {
         unsafe {
             let zero = S::splat(0.0);
-            let fold = |a: &mut [S::F; UNROLL]| {
-                let sum = S::add(S::add(a[0], a[1]), S::add(a[2], a[3]));
-                *a = [zero; UNROLL];
-                S::reduce_sum_f64(sum)
-            };
-            acc.s0 += fold(&mut self.s0);
-            acc.s1 += fold(&mut self.s1);
-            acc.s2 += fold(&mut self.s2);
+            for (wide, part) in self.wide.iter_mut().zip([&mut self.s0, &mut self.s1, &mut self.s2]) {
+                let mut sum = part[0];
+                for &a in &part[1..] {
+                    sum = S::add(sum, a);
+                }
+                *wide = S::add_f64(*wide, sum);
+                *part = [zero; ACCS];
+            }
+        }
+    }
+
+    /// Adds every register sum into the scalar accumulators and clears the registers.
+    #[inline(always)]
+    unsafe fn settle(&mut self, acc: &mut Online) {
+        unsafe {
+            self.flush();
+            acc.s0 += S::reduce_f64(self.wide[0]);
+            acc.s1 += S::reduce_f64(self.wide[1]);
+            acc.s2 += S::reduce_f64(self.wide[2]);
+            self.wide = [S::zero_f64(); 3];
         }
     }
 }

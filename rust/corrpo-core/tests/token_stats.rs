@@ -59,6 +59,25 @@ proptest! {
     }
 
     #[test]
+    fn half_precision_gives_the_bits_of_its_f32_widening(
+        cols in 1usize..700,
+        tau in prop::sample::select(vec![0.5, 1.0]),
+        seed in any::<u64>(),
+    ) {
+        // A server that receives bf16 or f16 logits and a trainer that widened them to f32
+        // must get the same numbers, bit for bit.
+        let (data, ids) = random_rows(&mut Rng(seed), 3, cols, 4.0, 0.1);
+        let brains: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        let halves: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+        for isa in Isa::supported() {
+            let widened: Vec<f32> = brains.iter().map(|v| v.to_f32()).collect();
+            prop_assert_eq!(run(&brains, cols, &ids, tau, isa).unwrap(), run(&widened, cols, &ids, tau, isa).unwrap());
+            let widened: Vec<f32> = halves.iter().map(|v| v.to_f32()).collect();
+            prop_assert_eq!(run(&halves, cols, &ids, tau, isa).unwrap(), run(&widened, cols, &ids, tau, isa).unwrap());
+        }
+    }
+
+    #[test]
     fn isas_agree_with_each_other(cols in 1usize..400, seed in any::<u64>()) {
         let (data, ids) = random_rows(&mut Rng(seed), 3, cols, 5.0, 0.1);
         let base = run(&data, cols, &ids, 1.0, Isa::Portable).unwrap();
@@ -78,6 +97,27 @@ fn full_vocabulary_rows() {
     let (data, ids) = random_rows(&mut Rng(7), 3, cols, 3.0, 0.0);
     check_rows(&data, cols, &ids, 1.0, "V=151936");
     check_rows(&data, cols, &ids, 0.7, "V=151936, tau=0.7");
+}
+
+#[test]
+fn target_anywhere_in_the_row() {
+    // The sweep reads the target's block from a copy with the target masked out. Every
+    // position (first, last, both sides of block edges, the padded tail) must match the
+    // reference; the target is the row's largest logit, so counting it in the sweep, or
+    // masking a neighbour instead, would show. 203 columns: 3 AVX-512 blocks of 64 and
+    // 6 AVX2 blocks of 32, then a tail.
+    let cols = 203;
+    let mut rng = Rng(13);
+    let base: Vec<f32> = (0..cols).map(|_| rng.normal() as f32).collect();
+    for y in 0..cols {
+        let mut row = base.clone();
+        row[y] = 6.0;
+        check_rows(&row, cols, &[y as i64], 1.0, &format!("f32, target at {y}"));
+        let brains: Vec<bf16> = row.iter().map(|&v| bf16::from_f32(v)).collect();
+        check_rows(&brains, cols, &[y as i64], 1.0, &format!("bf16, target at {y}"));
+        let halves: Vec<f16> = row.iter().map(|&v| f16::from_f32(v)).collect();
+        check_rows(&halves, cols, &[y as i64], 0.5, &format!("f16, target at {y}"));
+    }
 }
 
 #[test]

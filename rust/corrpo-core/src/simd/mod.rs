@@ -91,6 +91,24 @@ impl FromStr for Isa {
     }
 }
 
+/// The mantissa bits of 2^(j/16), j = 0..15 (correctly rounded; the exponent field is 0, and
+/// `pow2_fraction` adds the exponent).
+const POW2_SIXTEENTHS: [u32; 16] = [
+    0x0, 0x5aac3, 0xb95c2, 0x11c3d3, 0x1837f0, 0x1ef532, 0x25fed7, 0x2d583f, 0x3504f3, 0x3d08a4, 0x45672a, 0x4e248c,
+    0x5744fd, 0x60ccdf, 0x6ac0c7, 0x75257d,
+];
+
+/// The mantissa bits of 2^(j/8), j = 0..7: every other entry of [`POW2_SIXTEENTHS`].
+const POW2_EIGHTHS: [u32; 8] = {
+    let mut eighths = [0; 8];
+    let mut j = 0;
+    while j < 8 {
+        eighths[j] = POW2_SIXTEENTHS[2 * j];
+        j += 1;
+    }
+    eighths
+};
+
 /// The vector operations the kernels use. Implementors are zero-sized markers.
 ///
 /// # Safety
@@ -98,14 +116,20 @@ impl FromStr for Isa {
 /// from code compiled with those target features (the `#[target_feature]` entry points).
 pub(crate) trait Simd: Copy {
     const LANES: usize;
+    /// Whether `fmadd` and `fnmadd` round once (a fused multiply-add instruction).
+    const FUSED: bool;
     type F: Copy;
+    /// f64 accumulators, one per pair of lanes of `F`.
+    type D: Copy;
 
     unsafe fn splat(x: f32) -> Self::F;
     unsafe fn load(p: *const f32) -> Self::F;
     /// Loads `LANES` IEEE half floats and widens them in registers.
     unsafe fn load_f16(p: *const u16) -> Self::F;
-    /// Loads `LANES` bfloat16 values and widens them in registers.
-    unsafe fn load_bf16(p: *const u16) -> Self::F;
+    /// Loads `2 * LANES` bfloat16 values and widens them in registers (a bfloat16 is the high
+    /// half of an f32), in memory order: lanes hold the same values as an f32 load of the
+    /// widened data, so bfloat16 logits give bit for bit the results of their f32 widening.
+    unsafe fn load_bf16_pair(p: *const u16) -> (Self::F, Self::F);
     unsafe fn store(a: Self::F, p: *mut f32);
     unsafe fn add(a: Self::F, b: Self::F) -> Self::F;
     unsafe fn sub(a: Self::F, b: Self::F) -> Self::F;
@@ -116,14 +140,19 @@ pub(crate) trait Simd: Copy {
     unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     /// x86 `maxps` semantics: `if a > b { a } else { b }`, so a NaN in `b` is kept.
     unsafe fn max(a: Self::F, b: Self::F) -> Self::F;
-    /// Round to nearest, ties to even.
-    unsafe fn round(a: Self::F) -> Self::F;
-    /// y * 2^n for integral n in [-126, 127].
-    unsafe fn scale2(y: Self::F, n: Self::F) -> Self::F;
-    /// 0 where `x < limit` (ordered: a NaN `x` keeps `v`), else `v`.
-    unsafe fn zero_where_below(x: Self::F, limit: Self::F, v: Self::F) -> Self::F;
+    /// 2^(m / LANES) for k = 1.5 * 2^23 + 127 LANES + m, where m = LANES n + j with j in
+    /// [0, LANES) and n in [-126, 0]: the table entry 2^(j / LANES) picked by the low bits of
+    /// k, with n + 127 (the next bits of k) as its exponent. For n = -127 the exponent field is
+    /// 0: a subnormal below 2^-126, +0 for j = 0.
+    unsafe fn pow2_fraction(k: Self::F) -> Self::F;
     /// Whether any lane of `a` is greater than the same lane of `b`.
     unsafe fn any_gt(a: Self::F, b: Self::F) -> bool;
+
+    unsafe fn zero_f64() -> Self::D;
+    /// `acc + (low half of a + high half of a)`, lane by lane, in f64.
+    unsafe fn add_f64(acc: Self::D, a: Self::F) -> Self::D;
+    /// Sum of the lanes, in lane order.
+    unsafe fn reduce_f64(acc: Self::D) -> f64;
 
     #[inline(always)]
     unsafe fn to_array(a: Self::F) -> [f32; 16] {
@@ -136,12 +165,5 @@ pub(crate) trait Simd: Copy {
     unsafe fn reduce_max(a: Self::F) -> f32 {
         let lanes = unsafe { Self::to_array(a) };
         lanes[..Self::LANES].iter().copied().fold(f32::NEG_INFINITY, f32::max)
-    }
-
-    /// Sum of the lanes, in f64.
-    #[inline(always)]
-    unsafe fn reduce_sum_f64(a: Self::F) -> f64 {
-        let lanes = unsafe { Self::to_array(a) };
-        lanes[..Self::LANES].iter().map(|&x| f64::from(x)).sum()
     }
 }

@@ -1,5 +1,5 @@
-use super::Simd;
-use half::{bf16, f16};
+use super::{POW2_EIGHTHS, Simd};
+use half::f16;
 
 /// Eight plain lanes; the compiler vectorizes the loops for whatever the target offers.
 /// Only operations that vectorize on every baseline are used: a fused multiply-add or
@@ -17,7 +17,9 @@ fn map(f: impl Fn(usize) -> f32) -> V {
 
 impl Simd for Portable {
     const LANES: usize = L;
+    const FUSED: bool = false;
     type F = V;
+    type D = [f64; L / 2];
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> V {
@@ -33,9 +35,11 @@ impl Simd for Portable {
         map(|i| f16::from_bits(raw[i]).to_f32())
     }
     #[inline(always)]
-    unsafe fn load_bf16(p: *const u16) -> V {
-        let raw = unsafe { p.cast::<[u16; L]>().read_unaligned() };
-        map(|i| bf16::from_bits(raw[i]).to_f32())
+    unsafe fn load_bf16_pair(p: *const u16) -> (V, V) {
+        let raw = unsafe { p.cast::<[u16; 2 * L]>().read_unaligned() };
+        // A bfloat16 is the high half of an f32.
+        let widen = |bits: u16| f32::from_bits(u32::from(bits) << 16);
+        (map(|i| widen(raw[i])), map(|i| widen(raw[L + i])))
     }
     #[inline(always)]
     unsafe fn store(a: V, p: *mut f32) {
@@ -66,22 +70,26 @@ impl Simd for Portable {
         map(|i| if a[i] > b[i] { a[i] } else { b[i] })
     }
     #[inline(always)]
-    unsafe fn round(a: V) -> V {
-        // Adding 1.5 * 2^23 pushes the fraction out under round-to-nearest-even; exact for
-        // |a| < 2^22, which covers the exp arguments (|a| <= 127).
-        const SHIFT: f32 = 12_582_912.0;
-        map(|i| (a[i] + SHIFT) - SHIFT)
-    }
-    #[inline(always)]
-    unsafe fn scale2(y: V, n: V) -> V {
-        map(|i| y[i] * f32::from_bits(((n[i] as i32).wrapping_add(127) as u32) << 23))
-    }
-    #[inline(always)]
-    unsafe fn zero_where_below(x: V, limit: V, v: V) -> V {
-        map(|i| if x[i] < limit[i] { 0.0 } else { v[i] })
+    unsafe fn pow2_fraction(k: V) -> V {
+        map(|i| {
+            let bits = k[i].to_bits();
+            f32::from_bits(POW2_EIGHTHS[(bits & 7) as usize].wrapping_add((bits << 20) & 0x7F80_0000))
+        })
     }
     #[inline(always)]
     unsafe fn any_gt(a: V, b: V) -> bool {
         (0..L).any(|i| a[i] > b[i])
+    }
+    #[inline(always)]
+    unsafe fn zero_f64() -> [f64; L / 2] {
+        [0.0; L / 2]
+    }
+    #[inline(always)]
+    unsafe fn add_f64(acc: [f64; L / 2], a: V) -> [f64; L / 2] {
+        std::array::from_fn(|i| acc[i] + (f64::from(a[i]) + f64::from(a[i + L / 2])))
+    }
+    #[inline(always)]
+    unsafe fn reduce_f64(acc: [f64; L / 2]) -> f64 {
+        acc.iter().sum()
     }
 }
