@@ -151,8 +151,8 @@ WHEEL_TOOLS   := "maturin==1.16.0" "ziglang==0.15.2" "auditwheel==6.8.2" "setupt
 wheels:
 	test -x $(WHEEL_PY) || $(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_PY) -m pip install -q --disable-pip-version-check $(WHEEL_TOOLS)
-	for target in $(WHEEL_TARGETS); do \
-		rustup target list --installed | grep -qx $$target || rustup target add $$target || exit 1; \
+	host=$$(rustc -vV | sed -n 's/^host: //p'); for target in $(WHEEL_TARGETS); do \
+		[ $$target = $$host ] || rustup target list --installed | grep -qx $$target || rustup target add $$target || exit 1; \
 	done
 	mkdir -p $(DIST) && rm -f $(DIST)/corrpo-*.whl $(DIST)/corrpo_*.whl $(DIST)/corrpo-*.tar.gz
 	for target in $(WHEEL_TARGETS); do \

@@ -107,6 +107,11 @@ def test_correlation_errors():
         corrpo.rollout_correlations([0.1, 0.2, 0.3], [1, 2, 3], [1, 1])
     with pytest.raises(corrpo.ShapeError, match="negative"):
         corrpo.rollout_correlations([0.1, 0.2, 0.3], [1, 2, 3], [4, -1])
+    # Lengths whose sum wraps around to the token count (4 * 2**62 + 3 = 3 in 64 bits).
+    with pytest.raises(corrpo.ShapeError, match="add up to more than"):
+        corrpo.rollout_correlations([0.1, 0.2, 0.3], [1, 2, 3], [2**62] * 4 + [3])
+    with pytest.raises(corrpo.ShapeError, match="add up to more than"):
+        corrpo.score([0.1, 0.2, 0.3], [1, 2, 3], [2**62] * 4 + [3], [3])
     with pytest.raises(corrpo.ShapeError, match="grad_norm has 2 entries"):
         corrpo.rollout_correlations([0.1, 0.2, 0.3], [1, 2], [3])
     with pytest.raises(corrpo.ConfigError, match="min_tokens"):

@@ -226,6 +226,20 @@ def test_batch_reward_manager_needs_uid(tokenizer, batch):
         manager(no_uid, return_dict=True)
 
 
+def test_batch_reward_manager_refuses_scores_a_reward_loop_made(tokenizer, batch):
+    """verl's naive manager would pass rm_scores through, and the term would hit them twice."""
+    from verl.workers.reward_manager import get_reward_manager_cls
+
+    data = batch[0]
+    scored = DataProto.from_dict(
+        tensors={**dict(data.batch.items()), "rm_scores": torch.zeros(data.batch["responses"].shape)},
+        non_tensors=dict(data.non_tensor_batch.items()),
+    )
+    manager = get_reward_manager_cls("corrpo")(tokenizer, num_examine=0, corrpo={"target": "127.0.0.1:9"})
+    with pytest.raises(corrpo.ConfigError, match="the batch already has rm_scores"):
+        manager(scored, return_dict=True)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -95,7 +95,8 @@ def lengths_vector(lengths: Any, tokens: int, rows_of: str) -> np.ndarray:
     if len(negative):
         i = int(negative[0])
         raise ShapeError(f"lengths[{i}] is negative: {spans[i]}", field="lengths", index=i)
-    total = int(spans.sum())
+    # Python ints: an int64 sum of huge lengths wraps around and could match `tokens`.
+    total = sum(int(n) for n in spans)
     if total != tokens:
         raise ShapeError(
             f"lengths add up to {total} tokens, but {rows_of} has {tokens} rows (one per token)", field="lengths"

@@ -25,23 +25,19 @@ ISAS = ("portable", "avx2", "avx512")
 
 
 def check_simd_env() -> None:
-    """Refuses a ``CORRPO_SIMD`` that names no instruction set, and warns when it names one
-    this CPU lacks: the core falls back to the widest supported one in both cases without a
-    word, which would defeat the variable's purpose (ruling a SIMD path in or out)."""
+    """Warns when ``CORRPO_SIMD`` names no instruction set or one this CPU lacks: the core
+    falls back to the widest supported one in both cases without a word, which would defeat
+    the variable's purpose (ruling a SIMD path in or out). A warning, not an error: this runs
+    when corrpo is imported, before any command-line tool could turn an error into a message."""
     name = os.environ.get("CORRPO_SIMD")
     if not name or name in _native.supported_isas():  # empty counts as unset, as in the core
         return
+    supported = ", ".join(_native.supported_isas())
     if name not in ISAS:
-        raise ConfigError(
-            f"CORRPO_SIMD={name!r} names no instruction set: use one of {', '.join(ISAS)} "
-            f"(this CPU supports {', '.join(_native.supported_isas())}), or unset it for the widest"
-        )
-    warnings.warn(
-        f"CORRPO_SIMD={name!r}: this CPU does not support {name} (it supports {', '.join(_native.supported_isas())}); "
-        f"corrpo uses {_native.simd_isa()}",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+        why = f"names no instruction set (use one of {', '.join(ISAS)}, or unset it for the widest)"
+    else:
+        why = f"this CPU does not support {name}"
+    warnings.warn(f"CORRPO_SIMD={name!r}: {why}; this CPU supports {supported}; corrpo uses {_native.simd_isa()}", RuntimeWarning, stacklevel=2)
 
 
 @dataclass(frozen=True)

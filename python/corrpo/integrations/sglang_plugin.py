@@ -27,9 +27,10 @@ core on the CPU. The scheduler copies the results to the host with its other out
 hands them to each request as its tokens are committed.
 
 The plugin is inert unless the server's environment has ``CORRPO_SGLANG_STATS=1``: an
-installed entry point loads in every SGLang server. Not supported (SGLang's observers do
-not run there, and the server refuses to start with the plugin on): speculative decoding,
-dLLM, pipeline parallelism, and the Rust egress (``SGLANG_RUST_SERVER``).
+installed entry point loads in every SGLang server. Not supported: speculative decoding and
+dLLM (SGLang's observers do not run there) and pipeline parallelism (its auxiliary outputs
+have no pipeline transport), which the server refuses to start with; and the Rust egress
+(``SGLANG_RUST_SERVER``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def _install_observer(result: None, runner: Any, *args: Any, **kwargs: Any) -> N
         raise RuntimeError(
             f"{ENV}=1, but SGLang's sampling observers do not run with speculative decoding or dLLM: "
             f"unset {ENV} or turn those off"
+        )
+    if getattr(getattr(runner, "pp_group", None), "world_size", 1) > 1:
+        raise RuntimeError(
+            f"{ENV}=1, but SGLang's auxiliary outputs have no pipeline-parallel transport: unset {ENV} or use pp_size 1"
         )
     if str(runner.device).startswith("cuda"):
         try:

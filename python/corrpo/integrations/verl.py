@@ -218,6 +218,14 @@ class CorrpoBatchRewardManager(NaiveBatchRewardManager):
         self.client, self.settings = _client({**_plain(corrpo), **settings}, "CorrpoBatchRewardManager")
 
     def __call__(self, data: DataProto, return_dict: bool = False) -> torch.Tensor | dict[str, Any]:
+        if "rm_scores" in data.batch.keys():
+            # verl's naive manager passes rm_scores through as the rewards: scores that a reward
+            # loop (CorrpoRewardManager among them) already made, which the term must not hit twice.
+            raise ConfigError(
+                "CorrpoBatchRewardManager: the batch already has rm_scores (a reward loop scored it); "
+                "use CorrpoRewardManager in the reward loop instead, not both",
+                field="rm_scores",
+            )
         n = len(data)
         order, sizes, at = _order(groups_by_uid(data.non_tensor_batch.get("uid"), n))
         verdict = super().__call__(data, return_dict=True)

@@ -270,12 +270,13 @@ def run_figure(records: list[dict[str, Any]]) -> Any:
     sft_acc.plot(x, _smooth(y, 5), lw=1, color=SAMPLED, label="own samples, train prompts (5-step mean)")
     x, y = _steps(records, "eval_accuracy", "sft")
     sft_acc.plot(x, y, "o-", color=HELD_OUT, label="held-out, greedy")
-    x, y = _steps(records, "reward_mean", "rl")
-    rl_acc.plot(x, _smooth(y, 5), color=SAMPLED, label="verifier reward = rollout accuracy, sampled (5-step mean)")
+    x, verifier = _steps(records, "reward_mean", "rl")
+    rl_acc.plot(x, _smooth(verifier, 5), color=SAMPLED, label="verifier reward = rollout accuracy, sampled (5-step mean)")
     x, y = _steps(records, "reward_reg_mean", "rl")
-    if len(y) and np.any(y != _steps(records, "reward_mean", "rl")[1]):
+    if len(y) and (len(y) != len(verifier) or np.any(y != verifier)):
         rl_acc.plot(x, _smooth(y, 5), color=REGULARIZED, label="r - coef * rho(H, S), sent to the advantages (5-step mean)")
-        rl_acc.set_ylim(min(-0.02, float(y.min()) - 0.02), 1.02)
+        # r - coef * rho leaves [0, 1] on either side: above 1 exactly where rho < 0 (the paper's inversion).
+        rl_acc.set_ylim(min(-0.02, float(y.min()) - 0.02), max(1.02, float(y.max()) + 0.02))
     x, y = _held_out_rl(records)
     rl_acc.plot(x, y, "o-", color=HELD_OUT, label="held-out, greedy (step 0: after SFT)")
     for key, label, style, color in (

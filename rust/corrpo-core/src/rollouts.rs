@@ -29,8 +29,10 @@ pub fn check_tokens(entropy: &[f64], grad_norm: &[f64], lengths: Option<&[usize]
         return Err(Error::Shape(format!("{} entropy values but {} grad_norm values", entropy.len(), grad_norm.len())));
     }
     if let Some(lengths) = lengths {
-        let total: usize = lengths.iter().sum();
-        if total != entropy.len() {
+        // Checked: a wrapped sum of huge lengths could equal the token count.
+        let total = lengths.iter().try_fold(0usize, |sum, &n| sum.checked_add(n));
+        if total != Some(entropy.len()) {
+            let total = total.map_or_else(|| "more than usize::MAX".to_string(), |t| t.to_string());
             return Err(Error::Shape(format!(
                 "rollout lengths add up to {total} tokens, but {} tokens were given",
                 entropy.len()
