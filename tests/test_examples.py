@@ -19,7 +19,7 @@ EXAMPLES = {
     # script: (the stack it needs, arguments, a line its output must have)
     "trl_grpo.py": ("trl", ["--steps", "1"], r"step 1: reward [+-]\d\.\d{3}  corrpo/rho_pooled [+-]\d\.\d{3}"),
     "verl_grpo.py": ("verl", [], r"advantages: [+-]\d\.\d{3}"),
-    "slime_grpo.py": ("torch", [], r"custom-advantage-function-path"),
+    "slime_grpo.py": ("torch", [], r"advantage=[+-]\d+\.\d{3}"),
     "openrlhf_rm.py": ("fastapi", [], r"reward_func form: the same rewards"),
 }
 

@@ -7,8 +7,9 @@ corrpo-server with ``--model`` on it, samples 4 responses to each of 2 prompts, 
 1. ``--custom-rm-path``: ``corrpo_rm(verifier)`` scores each sample (slime's ``rm(args,
    sample)``) and each group (``--group-rm``: ``rm(args, samples)``): r - coef * rho(H, S),
    S the paper's strength computed by the server;
-2. ``--custom-advantage-function-path``: ``corrpo_advantage()`` fills
-   ``rollout_data["advantages"]`` from the raw rewards (``--disable-rewards-normalization``).
+2. ``--custom-reward-post-process-path``: ``corrpo_reward_post_process()`` takes the whole
+   rollout (slime's flat list of samples, groups consecutive) and returns (raw rewards,
+   corrpo's group advantages of r - coef * rho), which slime's GRPO puts on every token.
 
     .venv/bin/python examples/integrations/slime_grpo.py
 """
@@ -40,7 +41,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from corrpo.integrations.slime import corrpo_advantage, corrpo_rm
+    from corrpo.integrations.slime import corrpo_reward_post_process, corrpo_rm
     from corrpo.testing import build_tiny_model
     from corrpo_server import ServerProcess
 
@@ -61,10 +62,16 @@ def main() -> None:
                     response=tokenizer.decode(response, skip_special_tokens=True), label=label, metadata={},
                 ))  # fmt: skip
         rewards = [asyncio.run(verifier(None, s)) for s in samples]
+        for sample, reward in zip(samples, rewards):
+            sample.reward = reward  # what slime's rollout stores before post-processing
         # gate="none" so the toy run shows the term on every sample (the default, "correct",
         # applies it only to rewards >= threshold); min_tokens: the responses are short.
         settings = {"coef": args_.coef, "gate": "none", "min_tokens": 4}
-        args = SimpleNamespace(n_samples_per_prompt=args_.n, disable_rewards_normalization=True)
+        # slime's args as its post-process reads them, slime's defaults (grpo_std_normalization is
+        # False under --disable-grpo-std-normalization: corrpo then gives drgrpo advantages)
+        args = SimpleNamespace(
+            n_samples_per_prompt=args_.n, rewards_normalization=True, grpo_std_normalization=True, reward_key=None
+        )
 
         with ServerProcess("--model", f"{tmp}/model", "--device", "cpu", ready_timeout=180) as server:
             rm = corrpo_rm(verifier, target=server.target, **settings)
@@ -82,20 +89,14 @@ def main() -> None:
             for g in range(0, len(samples), args_.n):
                 grouped += asyncio.run(group_rm(args, samples[g : g + args_.n]))
 
-            rollout_data = {
-                "tokens": [torch.tensor(s.tokens) for s in samples],
-                "response_lengths": [s.response_length for s in samples],
-                "rewards": rewards,
-                "loss_masks": [torch.ones(s.response_length, dtype=torch.int32) for s in samples],
-                "log_probs": [torch.zeros(s.response_length) for s in samples],  # only their shapes are read
-            }
-            corrpo_advantage(target=server.target, **settings)(args, rollout_data)
+            post_process = corrpo_reward_post_process(target=server.target, **settings)
+            raw, advantages = post_process(args, samples)  # all groups of the rollout at once
 
-    print("1. --custom-rm-path (per sample | --group-rm), 2. --custom-advantage-function-path:")
+    print("1. --custom-rm-path (per sample | --group-rm), 2. --custom-reward-post-process-path:")
     for k, s in enumerate(samples):
         print(
             f"  group {k // args_.n}  r={rewards[k]:.0f}  r-coef*rho={regularized[k]:+.3f} | {grouped[k]:+.3f}"
-            f"  advantage={rollout_data['advantages'][k][0]:+.3f}  {s.response!r}"
+            f"  advantage={advantages[k]:+.3f}  {s.response!r}"
         )
 
 

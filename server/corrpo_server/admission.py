@@ -118,6 +118,7 @@ class IdleLimited:
         self.timeout_s = timeout_s
         self._handover: queue.Queue = queue.Queue(maxsize=1)
         self._closed = threading.Event()
+        self._ended = False
         threading.Thread(target=self._read, name="corrpo-stream-reader", daemon=True).start()
 
     def _read(self) -> None:
@@ -143,6 +144,8 @@ class IdleLimited:
         return self
 
     def __next__(self) -> Any:
+        if self._ended:
+            raise StopIteration
         try:
             message, err = self._handover.get(timeout=self.timeout_s)
         except queue.Empty:
@@ -154,6 +157,7 @@ class IdleLimited:
         if err is not None:
             raise err
         if message is _END:
+            self._ended = True  # the reader has gone: a later next() must not wait for it
             raise StopIteration
         return message
 

@@ -7,7 +7,7 @@ submodule imports its stack only when used, so ``import corrpo`` stays light.
 - ``corrpo.integrations.openrlhf``: OpenRLHF's remote reward model (HTTP) and its
   ``reward_func`` file form.
 - ``corrpo.integrations.slime``: slime's ``--custom-rm-path`` and
-  ``--custom-advantage-function-path`` functions (imports nothing of slime).
+  ``--custom-reward-post-process-path`` functions (imports nothing of slime).
 - ``corrpo.integrations.sglang``: SGLang ``/generate`` responses as corrpo payloads.
 - ``corrpo.integrations.sglang_plugin``: an SGLang server plugin (``CORRPO_SGLANG_STATS=1``)
   that returns exact per-token H and G in ``meta_info``.

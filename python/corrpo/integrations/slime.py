@@ -1,11 +1,11 @@
 """CorR-PO in slime (THUDM/slime): a ``--custom-rm-path`` reward and a
-``--custom-advantage-function-path`` advantage. Imports nothing of slime: slime is not on
-PyPI, so these follow its interfaces as read from its source (``load_function("module.attr")``;
-``await rm(args, sample)``, or ``await rm(args, samples)`` with ``--group-rm``: one
-function serves both; ``fn(args, rollout_data)`` setting ``rollout_data["advantages"]`` and
-``["returns"]``), and their tests use slime's data shapes without slime itself.
+``--custom-reward-post-process-path`` group advantage. Imports nothing of slime: slime is not
+on PyPI, so these follow its interfaces as read from its source (``load_function("module.attr")``;
+``await rm(args, sample)``, or ``await rm(args, samples)`` with ``--group-rm``: one function
+serves both; ``post_process(args, samples) -> (raw_rewards, rewards)``), and their tests use
+slime's data shapes without slime itself.
 
-Where S comes from. slime gives a hook per-token entropy (``--use-rollout-entropy``) and
+Where S comes from. slime gives its hooks per-token entropy (``--use-rollout-entropy``) and
 log-probs, but no gradient strength: neither the paper's parameter-space S (one backward per
 token) nor even the logit-space G = ||p - e_y||, which needs sum(p^2) as well as p_y. So
 both hooks send token ids to a corrpo-server started with ``--model`` (a copy of the
@@ -15,17 +15,22 @@ policy), which computes H and S itself; slime's own entropies are not needed.
     from corrpo.integrations.slime import corrpo_rm
     rm = corrpo_rm(my_verifier, target="10.0.0.5:50051", coef=0.1)
 
-The reward (recommended): ``r - coef * rho(H, S)`` per sample, with ``r`` from the user's
-own slime reward function (the same ``(args, sample)`` or ``(args, samples)`` form); slime
-then normalizes per group as usual. Each call scores what it is given: one sample, or with
-``--group-rm`` one group in one request.
+The reward: ``r - coef * rho(H, S)`` per sample, with ``r`` from the user's own slime reward
+function (the same ``(args, sample)`` or ``(args, samples)`` form); slime then normalizes per
+group as usual. Each call scores what it is given: one sample, or with ``--group-rm`` one
+group in one request.
 
-The advantage: ``advantage`` (target from ``CORRPO_TARGET``, default 127.0.0.1:50051) or
-``corrpo_advantage(target=..., ...)`` scores the rank's samples in one request and writes
-corrpo's group advantages (grpo by default) on every response token. It needs raw rewards
-(``--disable-rewards-normalization``: corrpo normalizes ``r - coef * rho`` itself, SPEC 5)
-and the rank's samples in whole groups of ``args.n_samples_per_prompt``, consecutive; it
-reads ``rollout_data["tokens"]`` (prompt + response ids) and ``["response_lengths"]``.
+The group advantage: ``reward_post_process`` (target from ``CORRPO_TARGET``, default
+127.0.0.1:50051) or ``corrpo_reward_post_process(target=..., ...)``. slime's RolloutManager
+calls it (``_post_process_rewards``) with every sample of the rollout, before the
+data-parallel split, in groups of ``args.n_samples_per_prompt`` consecutive samples, and
+uses the second list it returns in place of its own group normalization: GRPO's return and
+advantage of every token of the sample. It scores all groups in one request and returns
+(the raw rewards, corrpo's group advantages of ``r - coef * rho``): grpo, or drgrpo under
+slime's ``--disable-grpo-std-normalization`` (the regularized rewards themselves under
+``--disable-rewards-normalization``). A custom advantage function is not offered: slime runs
+it per data-parallel rank after its DP schedule has packed samples by length, so a rank
+holds neither whole groups nor group order.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
@@ -58,12 +64,16 @@ class _Scorer:
         self.target = target
         self.client_options = client_options
         self._client: Any = None
+        # slime calls the rm hook from many threads (asyncio.to_thread): one client, made once
+        self._lock = threading.Lock()
 
     def score(self, **request: Any) -> Any:
-        if self._client is None:
-            from ..client import DEFAULT_TARGET, RewardClient
+        with self._lock:
+            if self._client is None:
+                from ..client import DEFAULT_TARGET, RewardClient
 
-            self._client = RewardClient(self.target or os.environ.get("CORRPO_TARGET", DEFAULT_TARGET), **self.client_options)
+                target = self.target or os.environ.get("CORRPO_TARGET", DEFAULT_TARGET)
+                self._client = RewardClient(target, **self.client_options)
         return self._client.score(**request, **self.settings)
 
 
@@ -126,67 +136,70 @@ def corrpo_rm(
     return rm
 
 
-def _per_sample(rollout_data: dict[str, Any], key: str, n: int) -> list[Any]:
-    if key not in rollout_data:
-        raise ShapeError(f"rollout_data has no {key!r} (it has {sorted(rollout_data)})", field=key)
-    values = list(rollout_data[key])
-    if len(values) != n:
-        raise ShapeError(f"rollout_data[{key!r}] holds {len(values)} samples, rollout_data['rewards'] {n}", field=key)
-    return values
+def _raw_reward(args: Any, sample: Any, k: int) -> float:
+    """The reward as slime reads it (``Sample.get_reward_value``: ``reward``, or
+    ``reward[args.reward_key]`` with ``--reward-key``), as one number."""
+    value = sample.get_reward_value(args) if hasattr(sample, "get_reward_value") else sample.reward
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        hint = " (a dict reward needs --reward-key)" if isinstance(value, dict) else ""
+        raise ConfigError(f"sample {k}'s reward is {value!r}; corrpo needs one number per sample{hint}", field="reward")
+    return float(value)
 
 
-def corrpo_advantage(
+def corrpo_reward_post_process(
     *,
     target: str | Sequence[str] | None = None,
     client_options: dict[str, Any] | None = None,
     **settings: Any,
-) -> Callable[[Any, dict[str, Any]], None]:
-    """A slime custom advantage function ``advantage(args, rollout_data)``: CorR-PO group
-    advantages (``settings["advantage"]``, default grpo) of the rank's samples, scored in one
-    request, written as ``rollout_data["advantages"]`` and ``["returns"]`` (one tensor per
-    sample, shaped like its ``log_probs``, each token holding the sample's advantage, as
-    slime's own GRPO lays them out). Arguments as ``corrpo_rm``'s.
+) -> Callable[[Any, Sequence[Any]], tuple[list[float], list[float]]]:
+    """A slime reward post-process function ``post_process(args, samples) -> (raw_rewards,
+    rewards)``: ``rewards`` are corrpo's group advantages of ``r - coef * rho`` (grpo, or
+    drgrpo under ``--disable-grpo-std-normalization``; the regularized rewards themselves under
+    ``--disable-rewards-normalization``), for all groups of the rollout in one request.
+    Arguments as ``corrpo_rm``'s, less ``advantage``, which follows slime's flags.
     """
+    if "advantage" in settings:
+        raise ConfigError(
+            "the advantage follows slime's flags (grpo; drgrpo under --disable-grpo-std-normalization; "
+            "none under --disable-rewards-normalization); do not set it",
+            field="advantage",
+        )
     scorer = _Scorer(target, dict(client_options or {}), settings)
 
-    def advantage(args: Any, rollout_data: dict[str, Any]) -> None:
-        import torch
-
-        if getattr(args, "disable_rewards_normalization", None) is not True:
-            raise ConfigError(
-                "corrpo's advantage normalizes r - coef * rho per group itself (SPEC 5): run slime with "
-                "--disable-rewards-normalization so that rollout_data['rewards'] are the raw rewards",
-                field="disable_rewards_normalization",
-            )
+    def post_process(args: Any, samples: Sequence[Any]) -> tuple[list[float], list[float]]:
         group = getattr(args, "n_samples_per_prompt", None)
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise ConfigError(
                 f"args.n_samples_per_prompt must be a positive integer, got {group!r}", field="n_samples_per_prompt"
             )
-        rewards = [
-            _number(r.item() if hasattr(r, "item") else r, "rollout_data['rewards']") for r in rollout_data.get("rewards", [])
-        ]
-        n = len(rewards)
-        if n == 0 or n % group:
+        samples = list(samples)
+        for k, sample in enumerate(samples):
+            if isinstance(sample, (list, tuple)):
+                raise ShapeError(
+                    f"sample {k} is a {type(sample).__name__}: the hook takes slime's flat list of samples", field="samples"
+                )
+        if not samples or len(samples) % group:
             raise ShapeError(
-                f"this rank holds {n} samples, not whole groups of n_samples_per_prompt={group}: corrpo's advantage "
-                "needs each group's samples together on one rank",
-                field="rewards",
+                f"{len(samples)} samples are not whole groups of n_samples_per_prompt={group}", field="samples"
             )
-        tokens = _per_sample(rollout_data, "tokens", n)
-        lengths = _per_sample(rollout_data, "response_lengths", n)
-        like = _per_sample(rollout_data, "log_probs", n)
-        pairs = [_split(t, r, f"sample {k}") for k, (t, r) in enumerate(zip(tokens, lengths))]
+        raw = [_raw_reward(args, s, k) for k, s in enumerate(samples)]
+        pairs = [_split(s.tokens, s.response_length, f"sample {k}") for k, s in enumerate(samples)]
+        if not getattr(args, "rewards_normalization", True):
+            advantage = "none"
+        else:
+            advantage = "grpo" if getattr(args, "grpo_std_normalization", True) else "drgrpo"
         scores = scorer.score(
-            prompt_ids=[p for p, _ in pairs], token_ids=[r for _, r in pairs], rewards=rewards, group_sizes=group
+            prompt_ids=[p for p, _ in pairs],
+            token_ids=[r for _, r in pairs],
+            rewards=raw,
+            group_sizes=group,
+            advantage=advantage,
         )
-        advantages = [torch.full_like(x, float(a), dtype=torch.float32) for x, a in zip(like, scores.advantages)]
-        rollout_data["advantages"] = advantages
-        rollout_data["returns"] = list(advantages)  # GRPO's returns are its advantages, as in slime
+        return raw, [float(a) for a in scores.advantages]
 
-    return advantage
+    return post_process
 
 
-#: ``--custom-advantage-function-path corrpo.integrations.slime.advantage``: the defaults,
-#: against the server at ``CORRPO_TARGET`` (default 127.0.0.1:50051).
-advantage = corrpo_advantage()
+#: ``--custom-reward-post-process-path corrpo.integrations.slime.reward_post_process``: the
+#: defaults, against the server at ``CORRPO_TARGET`` (default 127.0.0.1:50051).
+reward_post_process = corrpo_reward_post_process()

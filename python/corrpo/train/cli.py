@@ -64,14 +64,19 @@ def _local_server(out: Path, cfg: TrainConfig) -> Any:
 
 
 def _client(target: str) -> Any:
-    from corrpo.client import RewardClient
+    import grpc
+
+    from corrpo.client import RewardClient, ServerUnavailableError
 
     client = RewardClient(target)
     try:
         status = client.health(timeout=10.0)
-    except Exception as err:  # ServerUnavailableError names the target and what to check
+    except ServerUnavailableError as err:  # it names the target and what to check
         client.close()
         raise SystemExit(f"corrpo-train: {err}") from None
+    except grpc.RpcError as err:  # e.g. DEADLINE_EXCEEDED: gRPC's str() is its debug text
+        client.close()
+        raise SystemExit(f"corrpo-train: the corrpo-server at {target} did not answer its health check: {err.code().name}: {err.details()}") from None
     if status != "SERVING":
         client.close()
         raise SystemExit(f"the corrpo-server at {target} reports {status}")
