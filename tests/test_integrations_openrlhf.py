@@ -345,3 +345,15 @@ def test_verifier_free_rewards_and_settings_errors(tiny, policy):
         with pytest.raises(corrpo.ConfigError) as err:
             CorrpoReward(tokenizer, **kwargs)
         assert message in str(err.value), (kwargs, str(err.value))
+
+
+def test_the_server_refuses_a_verifier_it_cannot_import(tiny_model_dir):
+    """A verifier that does not import is one line and exit 2 at start, not a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "corrpo.integrations.openrlhf", "--tokenizer", str(tiny_model_dir),
+         "--corrpo", "127.0.0.1:9", "--verifier", "no_such_module_here:verify", "--port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--verifier 'no_such_module_here:verify'" in done.stderr and "ModuleNotFoundError" in done.stderr
+    assert "Traceback" not in done.stderr

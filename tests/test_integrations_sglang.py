@@ -256,7 +256,10 @@ def test_plugin_statistics_must_be_whole_and_present_to_be_sent():
         bare.stats_payload()
     item = json.loads(json.dumps(RECORDED_PLUGIN[0]))
     item["meta_info"]["corrpo_grad_norm"][2] = None  # SGLang writes the plugin's NaN as null
-    assert np.isnan(parse_generate(item).grad_norm[0][2])
+    faulty = parse_generate(item)
+    assert np.isnan(faulty.grad_norm[0][2])
+    with pytest.raises(corrpo.InvalidValueError, match="rollout 0, token 2: corrpo's plugin found no finite statistics"):
+        faulty.stats_payload()
     item["meta_info"]["corrpo_entropy"].pop()
     with pytest.raises(corrpo.ShapeError, match=r"meta_info\['corrpo_entropy'\] must hold one value per output token \(5\), got 4"):
         parse_generate(item)

@@ -365,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         reward = CorrpoReward(args.tokenizer, client=args.corrpo, verifier=args.verifier, **settings)
     except CorrpoError as err:
         parser.exit(2, f"error: {err}\n")
+    except (ImportError, OSError, AttributeError, ValueError) as err:  # the verifier or the tokenizer
+        parser.exit(2, f"error: --verifier {args.verifier!r} / --tokenizer {args.tokenizer!r}: {type(err).__name__}: {err}\n")
     # Bound here, before uvicorn runs, so that --port 0 can report its port; connections
     # wait in the listen backlog until uvicorn accepts them.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import InvalidValueError, ShapeError
 
 # The meta_info keys of corrpo's SGLang plugin (corrpo.integrations.sglang_plugin): per
 # output token, H and G of the policy's distribution (temperature 1) and log p of the token.
@@ -84,6 +84,16 @@ class GeneratedRollouts:
                 "the response has no corrpo statistics: start SGLang with CORRPO_SGLANG_STATS=1 in its environment "
                 "(corrpo's plugin, corrpo.integrations.sglang_plugin)"
             )
+        for i, (h, g) in enumerate(zip(self.entropy, self.grad_norm)):
+            bad = np.flatnonzero(~(np.isfinite(h) & np.isfinite(g)))
+            if len(bad):
+                # The plugin writes NaN (JSON null) where the step's logits held NaN or +inf.
+                raise InvalidValueError(
+                    f"rollout {i}, token {bad[0]}: corrpo's plugin found no finite statistics (the engine's logits "
+                    "held NaN or +inf there): drop this rollout, or score its ids with tokens_payload",
+                    field="entropy",
+                    index=i,
+                )
         return {
             "entropy": self.entropy,
             "grad_norm": self.grad_norm,
