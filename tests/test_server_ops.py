@@ -418,6 +418,53 @@ def test_stalled_streams_leave_health_and_a_fresh_score_served():
         _check_traceback_free(server)
 
 
+def _stalled_upload(channel: grpc.Channel, stop: threading.Event, timeout: float = 60):
+    """A unary Score whose request never arrives: the call's headers, then nothing until
+    ``stop`` (a client stream with no message is the same on the wire)."""
+
+    def messages():
+        stop.wait(timeout)
+        return
+        yield
+
+    call = channel.stream_unary("/corrpo.v1.RewardService/Score", request_serializer=None, response_deserializer=None)
+    return call.future(messages(), timeout=timeout)
+
+
+def test_stalled_unary_uploads_leave_health_and_a_fresh_score_served():
+    """Unary calls whose message never arrives are uploads in progress, admitted like
+    streams: past --max-concurrent-streams they are refused at once, health and a fresh
+    Score are answered meanwhile, and the stalled ones end with the idle timeout's status."""
+    args = ("--metrics-port", "0", "--max-concurrent-rpcs", "8", "--max-concurrent-streams", "6", "--stream-idle-timeout", "5")
+    stop = threading.Event()
+    with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
+        try:
+            stalled = [_stalled_upload(channel, stop) for _ in range(16)]  # more than the server's threads
+            assert wait_for(lambda: sum(f.done() for f in stalled) == 10), [f.done() for f in stalled]
+            refused = [f for f in stalled if f.done()]
+            for future in refused:
+                assert future.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "--max-concurrent-streams 6" in future.exception().details()
+            health = health_pb2_grpc.HealthStub(channel)
+            with ThreadPoolExecutor(16) as pool:
+                checks = list(pool.map(lambda _: health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status, range(16)))
+            assert checks == [health_pb2.HealthCheckResponse.SERVING] * 16
+            with RewardClient(server.target, timeout=1.0, max_attempts=1) as client:
+                _score_once(client, seed=12)
+            for future in stalled:
+                if future in refused:
+                    continue
+                err = future.exception(timeout=30)
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+                assert "no message arrived for 5 s (the server's --stream-idle-timeout)" in err.details()
+                assert "send the request without pauses that long" in err.details()
+        finally:
+            stop.set()
+        with RewardClient(server.target, timeout=30) as client:  # the slots are free again
+            _score_once(client, seed=13)
+        _check_traceback_free(server)
+
+
 def test_a_stream_that_stalls_between_blocks_is_ended():
     with ServerProcess("--stream-idle-timeout", "2") as server, grpc.insecure_channel(server.target) as channel:
         held = HeldStream()

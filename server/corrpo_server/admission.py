@@ -7,15 +7,16 @@ healthy replica. corrpo counts its own calls instead, per kind:
 - at most ``max_calls`` RewardService calls at once (``--max-concurrent-rpcs``); more are
   refused at once with RESOURCE_EXHAUSTED. Health checks are not counted, and are answered
   on threads of their own (app.py);
-- of those, at most ``max_streams`` ScoreLogitsStream calls (``--max-concurrent-streams``),
-  and at most ``max_streams_per_peer`` from one client host (``--max-streams-per-peer``, 0:
-  no such limit). Only a stream can stall in corrpo's code (gRPC hands a unary handler its
-  whole request), so the calls left over are capacity that stalled streams cannot take from
-  a fresh Score;
+- of those, at most ``max_streams`` calls whose messages are still arriving
+  (``--max-concurrent-streams``): ScoreLogitsStream calls, and unary calls whose one
+  message did not arrive with their headers (service.py reads those itself, so that a
+  stalled upload waits here and not in a gRPC thread); at most ``max_streams_per_peer`` of
+  them from one client host (``--max-streams-per-peer``, 0: no such limit). The calls left
+  over are capacity that stalled clients cannot take from a fresh Score;
 - at most ``workers`` calls compute at once (``--workers``): decoding, reducing logits,
   scoring. A stream waiting for its next block holds no worker;
-- a stream that sends nothing for ``--stream-idle-timeout`` seconds is ended with
-  DEADLINE_EXCEEDED, which frees its slot.
+- a call that sends nothing for ``--stream-idle-timeout`` seconds while corrpo waits for a
+  message is ended with DEADLINE_EXCEEDED, which frees its slot.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class Admission:
                 streams = sum(self._streams.values())
                 if streams >= self.max_streams:
                     raise too_large(
-                        f"the server holds {streams} logits streams, its limit (--max-concurrent-streams "
-                        f"{self.max_streams}; unary Score calls are still served): retry later"
+                        f"the server holds {streams} logits streams and uploads in progress, its limit "
+                        f"(--max-concurrent-streams {self.max_streams}; calls that arrive whole are still served): retry later"
                     )
                 if self.max_streams_per_peer and self._streams[host] >= self.max_streams_per_peer:
                     raise too_large(
@@ -101,6 +102,8 @@ class Admission:
 
 
 _END = object()
+#: IdleLimited.poll's answer while the next message has not arrived.
+PENDING = object()
 
 
 class IdleLimited:
@@ -113,9 +116,10 @@ class IdleLimited:
     the call ends) lets the reader go; it ends by itself once gRPC ends the call.
     """
 
-    def __init__(self, requests: Iterator[Any], timeout_s: float) -> None:
+    def __init__(self, requests: Iterator[Any], timeout_s: float, advice: str = "send the header and then the blocks without pauses that long") -> None:
         self._requests = requests
         self.timeout_s = timeout_s
+        self.advice = advice
         self._handover: queue.Queue = queue.Queue(maxsize=1)
         self._closed = threading.Event()
         self._ended = False
@@ -144,16 +148,24 @@ class IdleLimited:
         return self
 
     def __next__(self) -> Any:
+        message = self.poll(self.timeout_s)
+        if message is PENDING:
+            raise Failure(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no message arrived for {self.timeout_s:g} s (the server's --stream-idle-timeout), so the call "
+                f"was ended: {self.advice}",
+            )
+        return message
+
+    def poll(self, timeout_s: float) -> Any:
+        """The next message if one arrives within ``timeout_s``, else PENDING; StopIteration
+        once the client has sent its last."""
         if self._ended:
             raise StopIteration
         try:
-            message, err = self._handover.get(timeout=self.timeout_s)
+            message, err = self._handover.get(timeout=timeout_s)
         except queue.Empty:
-            raise Failure(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no message arrived for {self.timeout_s:g} s (the server's --stream-idle-timeout), so the stream "
-                "was ended: send the header and then the blocks without pauses that long",
-            ) from None
+            return PENDING
         if err is not None:
             raise err
         if message is _END:

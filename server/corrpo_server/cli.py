@@ -51,21 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-concurrent-streams",
         type=int,
-        help="of those, ScoreLogitsStream calls (None: three quarters of --max-concurrent-rpcs); the rest stay "
-        "for unary Score calls, which cannot stall",
+        help="of those, calls whose messages are still arriving: ScoreLogitsStream calls and unary calls not yet "
+        "whole (default: three quarters of --max-concurrent-rpcs); the rest stay for calls that arrive whole",
     )
     run.add_argument(
         "--max-streams-per-peer",
         type=int,
         default=defaults.max_streams_per_peer,
-        help="ScoreLogitsStream calls open at once from one client host (0: no limit besides "
+        help="such calls at once from one client host (0: no limit besides "
         "--max-concurrent-streams); set it when several clients share the server",
     )
     run.add_argument(
         "--stream-idle-timeout",
         type=float,
         default=defaults.stream_idle_timeout_s,
-        help="seconds a ScoreLogitsStream may send nothing before it is ended with DEADLINE_EXCEEDED",
+        help="seconds a call may send nothing while the server awaits a message before it is ended with DEADLINE_EXCEEDED",
     )
     run.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="tokens per request")
     run.add_argument("--tls-cert", type=Path, help="PEM certificate chain of the server (enables TLS)")

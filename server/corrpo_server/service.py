@@ -11,11 +11,11 @@ from google.protobuf.message import DecodeError, Message
 from corrpo import wire
 from corrpo.v1 import reward_service_pb2 as pb
 
-from .admission import Admission, IdleLimited
+from .admission import PENDING, Admission, IdleLimited
 from .batch import Limits, LogitsStream, Reducer, from_score_request
 from .failure import Failure, checked_name, invalid
 from .model import PolicyModel, check_version
-from .observe import Metrics, alive_check, observed, settled
+from .observe import Metrics, Record, alive_check, observed, settled
 
 SERVICE = "corrpo.v1.RewardService"
 
@@ -65,6 +65,11 @@ def _request_id(value: str, path: str) -> str:
     return checked_name(value, path, "a client-chosen id that retries of the same request reuse")
 
 
+#: How long a unary call's message may take to arrive before the call counts as an upload in
+#: progress: a client sends the message right behind the call's headers.
+_PROMPT_S = 0.05
+
+
 def _loading(*_args: object, **_kwargs: object) -> None:
     raise Failure(grpc.StatusCode.UNAVAILABLE, "the model is still loading: health says SERVING once it is ready")
 
@@ -95,42 +100,65 @@ class RewardService:
         self.admission = admission
         self.idle_timeout_s = idle_timeout_s
 
-    def score(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        with (
-            observed("Score", context, self.metrics) as record,
-            self.admission.admitted(context.peer(), stream=False),
-            self.admission.working(alive_check(context)),
-        ):
-            request = _parse(pb.ScoreRequest, raw)
-            record.request_id = _request_id(request.request_id, "request_id")
-            config = wire.config_from_proto(request.config)
-            score_tokens = _loading if self.model_expected else None
-            if self.model is not None:
-                expected = check_version(request.weights_version, "weights_version") if request.HasField("weights_version") else None
-                score_tokens = functools.partial(self.model.score, expected_version=expected)
-            batch = from_score_request(request, config, self.limits, self.reduce, alive_check(context), score_tokens)
-            record.rollouts, record.tokens = len(batch.lengths), len(batch.entropy)
-            backend = self.model.backend if batch.weights_version is not None and self.model else self.backend
-            return pb.ScoreResponse(result=wire.scores_to_proto(batch.score(), record.request_id, backend))
+    def _message(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """The one message of a unary call. The unary RPCs are registered as client streams
+        (the same on the wire) so that corrpo, not a gRPC thread outside its admission, waits
+        for it: a message that did not come with the call's headers makes the call an upload
+        in progress, admitted like a stream (so stalled uploads cannot take the capacity
+        fresh calls need) and ended after --stream-idle-timeout without a byte."""
+        messages = IdleLimited(requests, self.idle_timeout_s, "send the request without pauses that long")
+        try:
+            raw = messages.poll(_PROMPT_S)
+            if raw is PENDING:
+                with self.admission.admitted(context.peer(), stream=True):
+                    raw = next(messages, None)
+            if raw is None:
+                raise invalid("the call carried no request message")
+            return raw
+        except StopIteration:
+            raise invalid("the call carried no request message") from None
+        finally:
+            messages.close()
 
-    def reload_weights(self, raw: bytes, context: grpc.ServicerContext) -> pb.ReloadWeightsResponse:
-        with (
-            observed("ReloadWeights", context, self.metrics) as record,
-            self.admission.admitted(context.peer(), stream=False),
-        ):
-            request = _parse(pb.ReloadWeightsRequest, raw)
-            if self.model is None:
-                if self.model_expected:
-                    _loading()
-                raise Failure(
-                    grpc.StatusCode.FAILED_PRECONDITION, "this server holds no model: start it with --model to reload weights"
-                )
-            version = check_version(request.weights_version, "weights_version")
-            record.request_id = version
-            if not request.path:
-                raise invalid("path must be set: the weights to load, on the server's file system")
-            seconds = self.model.reload(request.path, version)
-            return pb.ReloadWeightsResponse(weights_version=version, load_seconds=seconds)
+    def score(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ScoreResponse:
+        with observed("Score", context, self.metrics) as record:
+            raw = self._message(requests, context)
+            with self.admission.admitted(context.peer(), stream=False), self.admission.working(alive_check(context)):
+                return self._score(raw, record, context)
+
+    def _score(self, raw: bytes, record: Record, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        request = _parse(pb.ScoreRequest, raw)
+        record.request_id = _request_id(request.request_id, "request_id")
+        config = wire.config_from_proto(request.config)
+        score_tokens = _loading if self.model_expected else None
+        if self.model is not None:
+            expected = check_version(request.weights_version, "weights_version") if request.HasField("weights_version") else None
+            score_tokens = functools.partial(self.model.score, expected_version=expected)
+        batch = from_score_request(request, config, self.limits, self.reduce, alive_check(context), score_tokens)
+        record.rollouts, record.tokens = len(batch.lengths), len(batch.entropy)
+        backend = self.model.backend if batch.weights_version is not None and self.model else self.backend
+        return pb.ScoreResponse(result=wire.scores_to_proto(batch.score(), record.request_id, backend))
+
+    def reload_weights(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ReloadWeightsResponse:
+        with observed("ReloadWeights", context, self.metrics) as record:
+            raw = self._message(requests, context)
+            with self.admission.admitted(context.peer(), stream=False):
+                return self._reload(raw, record)
+
+    def _reload(self, raw: bytes, record: Record) -> pb.ReloadWeightsResponse:
+        request = _parse(pb.ReloadWeightsRequest, raw)
+        if self.model is None:
+            if self.model_expected:
+                _loading()
+            raise Failure(
+                grpc.StatusCode.FAILED_PRECONDITION, "this server holds no model: start it with --model to reload weights"
+            )
+        version = check_version(request.weights_version, "weights_version")
+        record.request_id = version
+        if not request.path:
+            raise invalid("path must be set: the weights to load, on the server's file system")
+        seconds = self.model.reload(request.path, version)
+        return pb.ReloadWeightsResponse(weights_version=version, load_seconds=seconds)
 
     def score_logits_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> pb.ScoreLogitsStreamResponse:
         with (
@@ -180,13 +208,14 @@ class RewardService:
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
-                "Score": grpc.unary_unary_rpc_method_handler(
+                # The unary RPCs as client streams: the same on the wire, read by _message.
+                "Score": grpc.stream_unary_rpc_method_handler(
                     self.score, response_serializer=pb.ScoreResponse.SerializeToString
                 ),
                 "ScoreLogitsStream": grpc.stream_unary_rpc_method_handler(
                     self.score_logits_stream, response_serializer=pb.ScoreLogitsStreamResponse.SerializeToString
                 ),
-                "ReloadWeights": grpc.unary_unary_rpc_method_handler(
+                "ReloadWeights": grpc.stream_unary_rpc_method_handler(
                     self.reload_weights, response_serializer=pb.ReloadWeightsResponse.SerializeToString
                 ),
             },
