@@ -94,6 +94,10 @@ def _check(queries: Any, prompts: Any, labels: Any) -> tuple[list[str], list[str
     return list(queries), list(prompts), list(labels)
 
 
+#: Tokens decoded to rule a prompt tail out quickly (split_query).
+_WINDOW = 4
+
+
 def split_query(tokenizer: Any, query: str, prompt: str, index: int = 0) -> tuple[list[int], list[int]]:
     """The token ids of the prompt as the policy saw it and of the response, read from
     OpenRLHF's ``query = decode(P + R, skip_special_tokens=False)``, where P =
@@ -119,12 +123,29 @@ def split_query(tokenizer: Any, query: str, prompt: str, index: int = 0) -> tupl
         # As OpenRLHF tokenizes prompts: the text's own tokens, no BOS added.
         return list(tokenizer(text=text, add_special_tokens=False)["input_ids"])
 
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=False)
+
+    def could_start(start: int) -> bool:
+        # A few tokens decoded, their last characters left out (decoding may join or clean
+        # up across a cut, or end mid-character): cheap to rule out a tail whose full
+        # decoding cannot start the query, so a long truncated prompt is not decoded
+        # once per dropped token.
+        text = decode(ids[start : start + _WINDOW])
+        return query.startswith(text[: max(1, len(text) - 2)])
+
     ids = encode(prompt)
     used = None
-    for start in range(len(ids)):
-        head = tokenizer.decode(ids[start:], skip_special_tokens=False)
-        if query.startswith(head):
-            used = ids[start:]
+    # Tails the window rules out first; should it ever rule out the right one, every tail.
+    for quick in (True, False):
+        for start in range(len(ids)):
+            if start and quick and not could_start(start):
+                continue
+            head = decode(ids[start:])
+            if query.startswith(head):
+                used = ids[start:]
+                break
+        if used is not None:
             break
     if used is None:
         raise InvalidValueError(
