@@ -376,6 +376,36 @@ def _in_flight(server: ServerProcess, rpc: str) -> float:
     return float(line[0].split()[1]) if line else 0.0
 
 
+def _refused_at_once(stalled: list, count: int) -> list:
+    """The ``count`` stalled calls past the server's limits: refused at once, naming the limit."""
+    assert wait_for(lambda: sum(f.done() for f in stalled) == count), [f.done() for f in stalled]
+    refused = [f for f in stalled if f.done()]
+    for future in refused:
+        assert future.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-concurrent-streams 6" in future.exception().details()
+    return refused
+
+
+def _served_within_a_second(server: ServerProcess, channel: grpc.Channel, seed: int) -> None:
+    """16 health checks and a fresh Score, each answered within a second."""
+    health = health_pb2_grpc.HealthStub(channel)
+    with ThreadPoolExecutor(16) as pool:
+        checks = list(pool.map(lambda _: health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status, range(16)))
+    assert checks == [health_pb2.HealthCheckResponse.SERVING] * 16
+    with RewardClient(server.target, timeout=1.0, max_attempts=1) as client:
+        _score_once(client, seed=seed)
+
+
+def _ended_by_the_idle_timeout(stalled: list, refused: list, advice: str) -> None:
+    for future in stalled:
+        if future in refused:
+            continue
+        err = future.exception(timeout=30)
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+        assert "no message arrived for 5 s (the server's --stream-idle-timeout)" in err.details()
+        assert advice in err.details()
+
+
 def test_stalled_streams_leave_health_and_a_fresh_score_served():
     """Clients that open streams, send a header and then nothing fill the server's stream
     slots. Health and a fresh Score are still answered within a second, a stream past the
@@ -386,25 +416,11 @@ def test_stalled_streams_leave_health_and_a_fresh_score_served():
         try:
             # As many stalled clients as --max-concurrent-rpcs: 6 take the stream slots.
             stalled = [_stalled_stream(channel, stop) for _ in range(8)]
-            assert wait_for(lambda: sum(f.done() for f in stalled) == 2), [f.done() for f in stalled]
-            refused = [f for f in stalled if f.done()]
-            for future in refused:
-                assert future.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "--max-concurrent-streams 6" in future.exception().details()
+            refused = _refused_at_once(stalled, 2)
             assert wait_for(lambda: _in_flight(server, "ScoreLogitsStream") == 6), metrics(server)
-            health = health_pb2_grpc.HealthStub(channel)
-            with ThreadPoolExecutor(16) as pool:
-                checks = list(pool.map(lambda _: health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status, range(16)))
-            assert checks == [health_pb2.HealthCheckResponse.SERVING] * 16
-            with RewardClient(server.target, timeout=1.0, max_attempts=1) as client:
-                _score_once(client, seed=11)
+            _served_within_a_second(server, channel, seed=11)
             # The stalled ones end once they have sent nothing for the idle timeout.
-            for future in stalled:
-                if future in refused:
-                    continue
-                err = future.exception(timeout=30)
-                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
-                assert "no message arrived for 5 s (the server's --stream-idle-timeout)" in err.details()
+            _ended_by_the_idle_timeout(stalled, refused, "send the header and then the blocks without pauses that long")
         finally:
             stop.set()
         # ... which freed their slots.
@@ -440,24 +456,9 @@ def test_stalled_unary_uploads_leave_health_and_a_fresh_score_served():
     with ServerProcess(*args) as server, grpc.insecure_channel(server.target) as channel:
         try:
             stalled = [_stalled_upload(channel, stop) for _ in range(16)]  # more than the server's threads
-            assert wait_for(lambda: sum(f.done() for f in stalled) == 10), [f.done() for f in stalled]
-            refused = [f for f in stalled if f.done()]
-            for future in refused:
-                assert future.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "--max-concurrent-streams 6" in future.exception().details()
-            health = health_pb2_grpc.HealthStub(channel)
-            with ThreadPoolExecutor(16) as pool:
-                checks = list(pool.map(lambda _: health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status, range(16)))
-            assert checks == [health_pb2.HealthCheckResponse.SERVING] * 16
-            with RewardClient(server.target, timeout=1.0, max_attempts=1) as client:
-                _score_once(client, seed=12)
-            for future in stalled:
-                if future in refused:
-                    continue
-                err = future.exception(timeout=30)
-                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
-                assert "no message arrived for 5 s (the server's --stream-idle-timeout)" in err.details()
-                assert "send the request without pauses that long" in err.details()
+            refused = _refused_at_once(stalled, 10)
+            _served_within_a_second(server, channel, seed=12)
+            _ended_by_the_idle_timeout(stalled, refused, "send the request without pauses that long")
         finally:
             stop.set()
         with RewardClient(server.target, timeout=30) as client:  # the slots are free again
