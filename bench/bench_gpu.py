@@ -15,7 +15,8 @@ its peak memory above the inputs is recorded. Results are checked against each o
 before they are timed.
 
     python bench/bench_gpu.py [--rows 8192] [--vocab 151936] [--dim 4096] [--json out.json]
-    python bench/bench_gpu.py --sweep    # also time other launch configs of both kernels
+    python bench/bench_gpu.py --sweep    # also other launch configs, and the logits kernel over
+                                         # rows x vocab x dtype against the device copy
     python bench/bench_gpu.py --smoke    # tiny shapes on the CPU interpreter: checks the script
 """
 
@@ -35,7 +36,10 @@ parser.add_argument("--vocab", type=int, default=151_936)
 parser.add_argument("--dim", type=int, default=4096)
 parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
 parser.add_argument("--smoke", action="store_true", help="tiny shapes through Triton's CPU interpreter")
-parser.add_argument("--sweep", action="store_true", help="time alternative launch configs of both kernels")
+parser.add_argument(
+    "--sweep", action="store_true",
+    help="time alternative launch configs of both kernels, and the logits kernel over rows x vocab x dtype",
+)
 parser.add_argument("--json", help="also write the raw results here")
 ARGS = parser.parse_args()
 if ARGS.smoke:
@@ -195,6 +199,46 @@ def sweep(console: Console, rows: int, dim: int, vocab: int) -> dict:
     return results
 
 
+#: The logits kernel across the shapes it meets (the vocabularies of Llama 2, SmolLM2, Qwen and
+#: Gemma 3; a small and a large batch of rows) and the dtypes it reads.
+SHAPE_SWEEP = [(rows, vocab) for rows in (1024, 8192) for vocab in (32_000, 49_152, 151_936, 262_144)]
+SWEEP_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def shape_sweep(console: Console) -> list[dict]:
+    """The logits kernel's read rate on each shape and dtype, against a device copy of the
+    same buffer (bytes read + written), after checking it against torch on the first rows."""
+    shapes = [(16, 1000), (33, 4097)] if ARGS.smoke else SHAPE_SWEEP
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    results = []
+    for rows, vocab in shapes:
+        for name in SWEEP_DTYPES:
+            logits = (2.5 * torch.randn((rows, vocab), generator=gen, device=DEVICE)).to(getattr(torch, name))
+            ids = torch.randint(0, vocab, (rows,), generator=gen, device=DEVICE)
+            # The float32 torch composition of the whole batch would need several times its
+            # memory: 64 rows check the kernel on this shape and dtype.
+            head = slice(0, 64)
+            ours = corrpo_kernels.token_stats(logits, ids).stats[:, head]
+            check(f"torch eager ({name}, [{rows} x {vocab}])", torch_reference.token_stats(logits[head], ids[head]), ours, atol=2e-3)
+            copy = torch.empty_like(logits)
+            seconds = timed(lambda: corrpo_kernels.token_stats(logits, ids))
+            copy_seconds = timed(lambda: copy.copy_(logits))
+            gb = logits.numel() * logits.element_size() / 1e9
+            results.append({
+                "rows": rows, "vocab": vocab, "dtype": name, "gb": gb, "seconds": seconds, "gbs": gb / seconds,
+                "copy_seconds": copy_seconds, "copy_gbs": 2 * gb / copy_seconds, "share": (gb / seconds) / (2 * gb / copy_seconds),
+            })  # fmt: skip
+            del logits, ids, copy
+    table = Table(title="sweep: logits kernel over rows x vocab x dtype (share: of the device copy's GB/s, read + written)")
+    for col in ("rows", "vocab", "dtype", "GB", "ms", "GB/s", "copy GB/s", "share"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(str(r["rows"]), str(r["vocab"]), r["dtype"], f"{r['gb']:.3f}", f"{r['seconds'] * 1e3:.3f}",
+                      f"{r['gbs']:,.0f}", f"{r['copy_gbs']:,.0f}", f"{r['share']:.0%}")
+    console.print(table)
+    return results
+
+
 def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f}"
 
@@ -240,13 +284,22 @@ def main() -> None:
     import triton
 
     console.print(f"{where}; torch {torch.__version__}, triton {triton.__version__}")
-    logits = logits_case(rows, vocab)
-    fused = fused_case(rows, dim, vocab)
-    report(console, logits, fused)
-    swept = sweep(console, rows, dim, vocab) if ARGS.sweep else None
-    if ARGS.json:
-        with open(ARGS.json, "w") as out:
-            json.dump({"device": where, "logits": logits, "fused": fused, "sweep": swept}, out, indent=2)
+    results: dict = {"device": where, "logits": None, "fused": None, "sweep": None, "shapes": None}
+
+    def save(key: str, value: object) -> None:
+        # After every stage, so that a run stopped by a time limit keeps what it measured.
+        results[key] = value
+        if ARGS.json:
+            with open(ARGS.json + ".part", "w") as out:
+                json.dump(results, out, indent=2)
+            os.replace(ARGS.json + ".part", ARGS.json)  # never a half-written file
+
+    save("logits", logits_case(rows, vocab))
+    save("fused", fused_case(rows, dim, vocab))
+    report(console, results["logits"], results["fused"])
+    if ARGS.sweep:
+        save("shapes", shape_sweep(console))
+        save("sweep", sweep(console, rows, dim, vocab))
 
 
 if __name__ == "__main__":

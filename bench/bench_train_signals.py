@@ -46,9 +46,8 @@ def main() -> None:
     import corrpo
     from corrpo.client import RewardClient
     from corrpo.train import config as configuration
-    from corrpo.train.loop import build_model, initial_weights
+    from corrpo.train.loop import build_model, save_model
     from corrpo.train.model import generate
-    from corrpo.train.state import save_atomic
     from corrpo.train.strengths import ParameterStrengths
     from corrpo.train.task import EOS, PAD, AdditionTask
     from corrpo_server import ServerProcess
@@ -91,7 +90,7 @@ def main() -> None:
         rows.append((label, best_of(args.repeats, lambda: strengths(prompts, responses, lengths, estimator=estimator, k=k, seeds=seeds))))
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = initial_weights(cfg, Path(tmp) / "policy.pt")
+        weights = save_model(model, cfg, Path(tmp) / "policy")
         env = {"OMP_NUM_THREADS": str(args.threads), "RAYON_NUM_THREADS": str(args.threads)}
         with ServerProcess("--model", str(weights), "--device", "cpu", env=env, ready_timeout=300) as server, RewardClient(
             server.target, timeout=600
@@ -100,7 +99,7 @@ def main() -> None:
             response_ids = [responses[i, : lengths[i]].numpy() for i in range(n)]
 
             def served(estimator: str) -> None:
-                save_atomic({"model": model.state_dict(), "config": cfg.training_identity()}, weights)
+                save_model(model, cfg, weights)
                 client.reload_weights(str(weights), "bench")
                 client.score(prompt_ids=rows_ids, token_ids=response_ids, group_sizes=cfg.group_size, estimator=estimator, weights_version="bench")
 

@@ -1,7 +1,8 @@
 """`corrpo fingerprint` end to end on a tiny random Llama with a locally trained tokenizer
 (no downloads): the files it writes, its statistics against scipy on its own tokens.csv,
-tokens.csv against a direct token_strengths call, --responses, --compare, the conversion
-of corrpo-train checkpoints (same logits), and its error exits."""
+tokens.csv against a direct token_strengths call, --responses, --compare, corrpo-train
+checkpoints (Hugging Face directories; their conversion is tests/test_train_hf.py), and its
+error exits."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 stats = pytest.importorskip("scipy.stats")
 
+import corrpo  # noqa: E402
 from corrpo.fingerprinting import read_tokens_csv  # noqa: E402
 from corrpo.testing import build_tiny_model  # noqa: E402
 
@@ -212,8 +214,9 @@ def test_compare_two_runs(work: Path, generated: Path, rescored: Path) -> None:
 
 
 def trainer_checkpoint(tmp_path: Path) -> tuple[Path, object]:
+    """A trainer model saved as the trainer saves sft/ (a Hugging Face directory)."""
     from corrpo.train.config import TrainConfig
-    from corrpo.train.loop import build_model
+    from corrpo.train.loop import build_model, save_model
     from corrpo.train.task import AdditionTask
 
     cfg = TrainConfig(model="tiny", digits=2, eval_size=4, seed=3)
@@ -221,36 +224,24 @@ def trainer_checkpoint(tmp_path: Path) -> tuple[Path, object]:
     with torch.no_grad():  # larger weights than the init's, so the logits vary
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    path = tmp_path / "sft.pt"
-    torch.save({"model": model.state_dict(), "config": cfg.training_identity()}, path)
-    return path, model.eval()
+    return save_model(model, cfg, tmp_path / "sft"), model.eval()
 
 
-def test_train_checkpoint_converts_to_an_equal_llama(tmp_path: Path) -> None:
-    from corrpo.fingerprinting.models import load_model
+def test_train_checkpoint_random_init_is_seeded(tmp_path: Path) -> None:
+    """--random-init of a trainer checkpoint: the same architecture, other (seeded) weights."""
+    from corrpo.models import load_model
 
     path, trainer_model = trainer_checkpoint(tmp_path)
-    loaded = load_model(path, device="cpu")
-    assert type(loaded.model).__name__ == "LlamaForCausalLM" and loaded.kind == "corrpo-train"
     tokens = torch.randint(0, trainer_model.cfg.vocab_size, (3, trainer_model.cfg.max_len))
-    with torch.no_grad():
-        expected = trainer_model(tokens)[1]
-        got = loaded.model(tokens).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # The character tokenizer: BOS then one id per character, as the task encodes prompts.
-    from corrpo.train.task import AdditionTask, Problem
-
-    task = AdditionTask(digits=2, eval_size=4)
-    p = Problem(7, 35)
-    assert loaded.tokenizer(task.prompt(p))["input_ids"] == task.prompt_ids(p)
-    assert loaded.tokenizer.decode(task.solution_ids(p), skip_special_tokens=True) == task.solution(p)
-    # --random-init: the same architecture, other (seeded) weights.
     fresh = load_model(path, random_init=True, seed=1)
     again = load_model(path, random_init=True, seed=1)
+    other = load_model(path, random_init=True, seed=2)
     with torch.no_grad():
-        a, b = fresh.model(tokens).logits, again.model(tokens).logits
+        a, b, c = (m.model(tokens).logits for m in (fresh, again, other))
+        trained = trainer_model(tokens)[1]
     torch.testing.assert_close(a, b)
-    assert not torch.allclose(a, got)
+    assert not torch.allclose(a, c) and not torch.allclose(a, trained)
+    assert fresh.tokenizer is not None and type(fresh.model).__name__ == "LlamaForCausalLM"
 
 
 def test_train_checkpoint_fingerprint_run(tmp_path: Path) -> None:
@@ -263,9 +254,27 @@ def test_train_checkpoint_fingerprint_run(tmp_path: Path) -> None:
         path, tmp_path / "out", prompts=prompts, generate=2, temperature=1.0, max_new_tokens=12,
         measures=["l1_mean", "nuclear_qkvo", "logit_grad"], bootstrap=50, progress=False, print_table=False, threads=1,
     )  # fmt: skip
-    assert len(result.responses) == 4 and result.summary["model"]["kind"] == "corrpo-train"
+    assert len(result.responses) == 4 and result.summary["model"]["kind"] == "hf"
+    assert result.summary["model"]["architecture"] == "LlamaForCausalLM"
     assert result.responses[0].prompt_ids[:3] == [1, 3, 10]  # BOS, '0', '7'
     assert (tmp_path / "out" / "tokens.csv").is_file()
+    # A character outside the task's alphabet would encode as <pad>: refused, not scored.
+    prompts.write_text('{"prompt": "07+35=?"}\n')
+    with pytest.raises(corrpo.ConfigError, match=r"line 1: \['\?'\] are not in the tokenizer's vocabulary \(each would encode as its unknown token '<pad>'\)"):
+        fp.run(path, tmp_path / "bad", prompts=prompts, progress=False, print_table=False, threads=1)
+
+
+def test_a_model_without_a_tokenizer_is_refused_where_text_is_needed(tmp_path: Path) -> None:
+    import corrpo.fingerprinting as fp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "bare")  # fmt: skip
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    with pytest.raises(corrpo.ConfigError, match="corrpo fingerprint .* needs a tokenizer, and the model directory .*bare' has none"):
+        fp.run(tmp_path / "bare", tmp_path / "out", prompts=prompts, progress=False, print_table=False)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- errors ---------------------------------------------------------------------------------

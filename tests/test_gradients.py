@@ -354,6 +354,22 @@ def test_every_measure_matches_oracle(G, family, objective):
     assert all(n.endswith(str(i)) for i, n in enumerate(res.block_names))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_by_block_backward_matches_oracle(G, family, monkeypatch):
+    """Long prefixes take the backward one block at a time (memory of one block's backprops,
+    not all of them): forced here by a tiny budget, it must give the oracle's values."""
+    import corrpo.gradients.exact as exact
+
+    model = tiny(family)
+    ids = token_rows(2, 2, 9)
+    capture_blocks = len(_blocks(model))
+    monkeypatch.setattr(exact, "CHUNK_ELEMENTS", 1)
+    with G.capture.Capture(model, G.architecture.describe(model), list(range(capture_blocks))) as capture:
+        assert exact.plan(capture, 9, None) == (1, True)
+    res = G.token_strengths(model, ids, objective="logprob", measures=ALL_MEASURES, chunk_size=3)
+    assert_matches(res, oracle_batch(family, full_rows(ids), "logprob"), ALL_MEASURES)
+
+
 def test_objectives_differ(G):
     """logit and logprob seeds give different gradients (guards against an ignored objective)."""
     ids = token_rows(1, 1, 9)[0]

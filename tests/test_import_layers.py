@@ -137,3 +137,46 @@ def test_the_check_sees_a_circle_closed_by_a_lazy_import(tmp_path):
     cycle = find_cycle(graph)
     assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"pkg.dispatch", "pkg.backend"}
     assert "pkg.dispatch" in reachable(graph, "pkg.backend")
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def script_imports(path: Path) -> set[str]:
+    """The modules a script (absolute imports only) names, with every package above them."""
+    names = set()
+    for node in _imports(ast.parse(path.read_text(), str(path))):
+        found = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        if isinstance(node, ast.ImportFrom):
+            found += [f"{node.module}.{a.name}" for a in node.names]
+        names |= set(found)
+    return names
+
+
+#: Scripts about the trainer itself: they build its model and time its own signals.
+TRAINER_SCRIPTS = ("bench/bench_train_signals.py",)
+
+
+def test_nothing_outside_the_trainer_imports_it():
+    """corrpo.train is the reference trainer, one user of corrpo among others: it writes its
+    checkpoints as Hugging Face directories that corrpo.models loads, so neither corrpo's
+    modules, the server, the kernels, nor the benchmarks and examples need its internals
+    (its Transformer, model sizes, task)."""
+    graph = import_graph(PACKAGES)
+    assert "corrpo.train.hf" in graph and "corrpo.models" in graph
+    library = {m: sorted(t for t in targets if _within(t, "corrpo.train")) for m, targets in graph.items() if not _within(m, "corrpo.train")}
+    assert {m: t for m, t in library.items() if t} == {}
+    scripts = [p for folder in ("bench", "examples") for p in sorted((ROOT / folder).rglob("*.py"))]
+    assert ROOT / TRAINER_SCRIPTS[0] in scripts
+    users = {str(p.relative_to(ROOT)) for p in scripts if any(_within(m, "corrpo.train") for m in script_imports(p))}
+    assert users == set(TRAINER_SCRIPTS)
+
+
+def test_the_model_loader_knows_neither_the_fingerprint_tool_nor_the_trainer():
+    """Every caller loads models through corrpo.models, so it sits below all of them."""
+    graph = import_graph(PACKAGES)
+    above = {m for m in reachable(graph, "corrpo.models") if _within(m, "corrpo.fingerprinting") or _within(m, "corrpo.train")}
+    assert above == set()
+    # The check sees such an import: the trainer's own conversion does reach the trainer.
+    assert "corrpo.train.model" in reachable(graph, "corrpo.train.hf")

@@ -130,7 +130,7 @@ def rollouts(executor, policy, max_length: int = 64, max_tokens: int = 24, seed:
 
 def reference(model, prompt_ids, response_ids, rewards, seed: int, **settings) -> corrpo.Scores:
     """corrpo's answer in this process for the exact generated ids, each rollout a group of
-    one, with the server's settings (by default the paper's l1_mean by subsample, gate correct)."""
+    one, with the server's settings (by default the paper's l1_mean by local, gate correct)."""
     from corrpo.gradients import response_strengths
 
     settings = {"gate": "correct", "min_tokens": MIN_TOKENS, "estimator_seed": seed, **settings}
@@ -172,7 +172,7 @@ def check_rollout(policy, out: dict) -> tuple[float, bool, bool]:
     query, prompt_ids, response_ids, faithful = read_ids(tokenizer, out)
     r = verified(query, out["prompt"], out["label"])
     want = reference(model, [prompt_ids], [response_ids], [r], request_seed([query]))
-    assert (want.config.measure, want.config.estimator, want.config.estimator_k) == ("l1_mean", "subsample", 16)
+    assert (want.config.measure, want.config.estimator, want.config.estimator_k) == ("l1_mean", "local", None)
     assert out["reward"] == pytest.approx([float(want.rewards[0])], rel=1e-5, abs=1e-6)
     assert out["scores"] == [r]
     logs = out["extra_logs"]

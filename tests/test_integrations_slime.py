@@ -84,26 +84,30 @@ def verify(sample: Sample) -> float:
 
 
 @pytest.fixture(scope="module")
-def measured(tiny_model_dir, samples) -> tuple[np.ndarray, np.ndarray]:
-    """corrpo in-process: H (nats) and the exact strength of each sample alone, concatenated."""
+def measured(tiny_model_dir, samples) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """corrpo in-process, per estimator (exact, and local: the server's default): H (nats)
+    and the strength of each sample alone, concatenated."""
     from transformers import AutoModelForCausalLM
 
     from corrpo.gradients import token_strengths
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    h, s = [], []
-    for sample in samples:
-        start = len(sample.tokens) - sample.response_length
-        positions = np.arange(start, len(sample.tokens))
-        out = token_strengths(model, torch.tensor(sample.tokens), positions, measures=("l1_mean",), estimator="exact")
-        h.append(out.entropy_bits * math.log(2))
-        s.append(out.l1_mean)
-    return np.concatenate(h), np.concatenate(s)
+    found = {}
+    for estimator in ("exact", "local"):
+        h, s = [], []
+        for sample in samples:
+            start = len(sample.tokens) - sample.response_length
+            positions = np.arange(start, len(sample.tokens))
+            out = token_strengths(model, torch.tensor(sample.tokens), positions, measures=("l1_mean",), estimator=estimator)
+            h.append(out.entropy_bits * math.log(2))
+            s.append(out.l1_mean)
+        found[estimator] = (np.concatenate(h), np.concatenate(s))
+    return found
 
 
 def reference(measured, rewards, settings: dict, group_sizes=(len(LENGTHS),)) -> corrpo.Scores:
-    """corrpo.score on the in-process H and S."""
-    h, s = measured
+    """corrpo.score on the in-process H and S of the settings' estimator."""
+    h, s = measured[settings["estimator"]]
     return corrpo.score(h, s, LENGTHS, list(group_sizes), rewards=rewards, config=corrpo.ScoreConfig(**settings))
 
 
@@ -176,10 +180,9 @@ CASES = {  # hook, slime's args, corrpo's advantage, settings of the hook
     "grpo": ("my_rewards.post_process", {}, "grpo", SETTINGS),
     "drgrpo, --reward-key": ("my_rewards.post_process", {"grpo_std_normalization": False, "reward_key": "score"}, "drgrpo", SETTINGS),
     "--disable-rewards-normalization": ("my_rewards.post_process", {"rewards_normalization": False}, "none", SETTINGS),
-    # the defaults: coef 0.1, gate correct, min_tokens 8, the paper's l1_mean (subsample keeps
-    # every token of responses up to 16 long, so it equals exact here); objects without
-    # get_reward_value are read by their reward
-    "module default": ("corrpo.integrations.slime.reward_post_process", {}, "grpo", {"gate": "correct", "measure": "l1_mean", "estimator": "exact"}),
+    # the defaults: coef 0.1, gate correct, min_tokens 8, the paper's l1_mean by local; objects
+    # without get_reward_value are read by their reward
+    "module default": ("corrpo.integrations.slime.reward_post_process", {}, "grpo", {"gate": "correct", "measure": "l1_mean", "estimator": "local"}),
 }  # fmt: skip
 
 

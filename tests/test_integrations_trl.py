@@ -76,8 +76,11 @@ def test_grpo_trainer_rewards_are_corrpos(tmp_path, server):
 
         args = GRPOConfig(
             output_dir=str(tmp_path / "out"), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
-            max_completion_length=10, max_steps=3, report_to="none", bf16=False, logging_steps=1, seed=0,
+            max_completion_length=10, max_steps=3, report_to="none", logging_steps=1, seed=0,
         )  # fmt: skip
+        # TRL's default bf16=True: accelerate runs the forward under torch.autocast, as it does
+        # for users; the reference scores the same wrapped model.
+        assert args.bf16
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
         trainer.train()
     assert len(checked) == 3, "one reward call per step"

@@ -186,7 +186,7 @@ UNARY_CASES = {
     "k of the exact estimator": (
         request([stats_rollout(strength=t(np.ones(10), F32))], config=pb.ScoreConfig(measure=pb.MEASURE_L1_MEAN, estimator_k=4)),
         INVALID,
-        "config.estimator_k: estimator_k applies to the subsample and jvp estimators, not 'exact'",
+        "config.estimator_k: estimator_k applies to the subsample, jvp, jvp_cv estimators, not 'exact'",
     ),
     "unknown measure": (
         request([stats_rollout()], config=pb.ScoreConfig(measure=42)),

@@ -122,7 +122,8 @@ def assert_same(got: corrpo.Scores, want: corrpo.Scores) -> None:
 
 
 CASES = [
-    ({}, True),  # the defaults: l1_mean by subsample
+    ({}, True),  # the defaults: l1_mean by local
+    ({"measure": "frobenius", "estimator": "jvp_cv", "estimator_k": 4, "estimator_seed": 2}, True),
     ({"estimator": "exact"}, False),
     ({"measure": "nuclear_qkvo", "estimator": "exact", "objective": "logprob"}, False),
     ({"measure": "frobenius", "estimator": "jvp", "estimator_k": 8, "estimator_seed": 5}, False),
@@ -138,7 +139,7 @@ def test_tokens_payload_equals_corrpo_gradients_in_process(models, mclient, sett
     rewards = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     got = mclient.score(prompt_ids=prompts, token_ids=responses, rewards=rewards, group_sizes=[3, 3], **settings)
     config = corrpo.ScoreConfig(**settings).resolve({"tokens"})
-    if config.estimator != "jvp":  # jvp draws its directions per row: rows stay independent
+    if config.estimator not in ("jvp", "jvp_cv"):  # they draw directions per row: rows stay independent
         want = in_process(hf(models["a"]), prompts, responses, rewards, [3, 3], config, batched)
     else:
         want = in_process(hf(models["a"]), prompts, responses, rewards, [3, 3], config, True)
@@ -149,9 +150,9 @@ def test_tokens_payload_equals_corrpo_gradients_in_process(models, mclient, sett
     if not settings:
         assert (got.config.measure, got.config.estimator, got.config.objective, got.config.estimator_k) == (
             "l1_mean",
-            "subsample",
+            "local",
             "logit",
-            16,
+            None,
         )
 
 

@@ -150,7 +150,7 @@ def test_score_config_rejects_bad_settings(settings, needle):
         ({}, {"stats"}, ("logit_grad", "exact", None, None)),
         ({}, {"logits", "stats"}, ("logit_grad", "exact", None, None)),
         ({}, {"logits", "top_k"}, ("logit_grad", "top_k", None, None)),
-        ({}, {"tokens"}, ("l1_mean", "subsample", "logit", 16)),
+        ({}, {"tokens"}, ("l1_mean", "local", "logit", None)),
         ({"measure": "logit_grad"}, {"tokens"}, ("logit_grad", "exact", None, None)),
         ({"measure": "frobenius", "estimator": "jvp"}, {"stats"}, ("frobenius", "jvp", "logit", 32)),
         ({"measure": "nuclear_qkvo", "objective": "logprob"}, {"stats"}, ("nuclear_qkvo", "exact", "logprob", None)),
@@ -174,7 +174,7 @@ def test_score_config_resolves_what_each_payload_gives(settings, kinds, expected
         ({"measure": "nuclear_qkvo", "estimator": "jvp"}, {"tokens"}, "estimator 'jvp' cannot give 'nuclear_qkvo'"),
         ({"measure": "logit_grad", "estimator": "subsample"}, {"stats"}, "its estimator is 'exact', not 'subsample'"),
         ({"objective": "logit"}, {"stats"}, "objective applies to parameter-space measures"),
-        ({"estimator_k": 3}, {"stats"}, "estimator_k applies to the subsample and jvp estimators"),
+        ({"estimator_k": 3}, {"stats"}, "estimator_k applies to the subsample, jvp, jvp_cv estimators"),
         ({}, {"tokens", "stats"}, "tokens payloads cannot be mixed"),
     ],
 )

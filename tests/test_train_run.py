@@ -88,6 +88,24 @@ def test_run_writes_every_step_and_the_server_scored_each_rl_step(reference_run:
     assert (reference_run / "training.png").stat().st_size > 10_000
 
 
+def test_the_models_a_run_leaves_are_hugging_face_directories(reference_run: Path) -> None:
+    """sft/ and checkpoint/ load through corrpo.models like any model (a Llama with the
+    task's tokenizer); the checkpoint also holds what a resumed run needs, and no run leaves
+    a half-written directory beside them."""
+    from corrpo.models import load_model
+    from corrpo.train.hf import OPTIMIZER_FILE, read_trainer_file
+
+    config = json.loads((reference_run / "config.json").read_text())
+    for name in ("sft", "checkpoint"):
+        loaded = load_model(reference_run / name)
+        assert type(loaded.model).__name__ == "LlamaForCausalLM" and loaded.tokenizer("12+34=")["input_ids"][0] == 1
+        assert all(config[k] == v for k, v in read_trainer_file(reference_run / name)["settings"].items())
+    state = read_trainer_file(reference_run / "checkpoint")
+    assert (state["phase"], state["step"], state["metrics_lines"]) == ("rl", RL, SFT + RL)
+    assert (reference_run / "checkpoint" / OPTIMIZER_FILE).is_file() and not (reference_run / "sft" / OPTIMIZER_FILE).exists()
+    assert not [p.name for p in reference_run.iterdir() if p.name.endswith((".new", ".old"))]
+
+
 def test_sft_loss_falls(reference_run: Path) -> None:
     losses = [r["loss"] for r in read_metrics(reference_run / "metrics.jsonl") if r["phase"] == "sft"]
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
@@ -385,9 +403,9 @@ def test_exact_strength_in_process_and_on_a_model_backed_server(tmp_path: Path) 
     tokens = [e for e in events if e.get("rpc") == "Score" and e.get("status") == "OK"]
     assert len(tokens) == 3
     # The SFT evaluation's exact strengths against plain autograd, token by token.
-    from corrpo.fingerprinting.models import load_train_transformer
+    from corrpo.train.hf import load_pretrained
 
-    model = load_train_transformer(tmp_path / "inproc" / "sft.pt")
+    model = load_pretrained(tmp_path / "inproc" / "sft")
     saved = np.load(tmp_path / "inproc" / "strengths" / "sft-00010.npz")
     ends = np.cumsum(saved["lengths"])
     for row in range(2):

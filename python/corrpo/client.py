@@ -447,7 +447,7 @@ _SCORE_DOC = """Scores rollouts through the server: rho per rollout, CorR-PO rew
           top_logprobs [T_i, k] with top_token_ids, logprob, token_ids and vocab_size;
           prompt_ids [P_i] with token_ids [T_i] (the response): a server started with
             --model scores them with its own policy (default measure "l1_mean", the paper's,
-            by estimator "subsample"); weights_version: the weights the server must hold.
+            by estimator "local"); weights_version: the weights the server must hold.
         rewards: per rollout (verifier), or None for verifier-free training.
         group_sizes: rollouts per group (a list, or one int for equal groups); default one group.
         send: with logits, "stats" reduces them here (about 12 bytes per token on the wire),

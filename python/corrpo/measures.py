@@ -14,7 +14,7 @@ MEASURES = PARAMETER_MEASURES + LOGIT_MEASURES
 
 #: How a request's strength values were obtained. ``top_k`` is the bound of G that a top-k
 #: payload allows (``ScoreConfig.top_k_estimate`` picks which).
-ESTIMATORS = ("exact", "subsample", "jvp", "last_block", "top_k")
+ESTIMATORS = ("exact", "subsample", "jvp", "last_block", "local", "jvp_cv", "top_k")
 
 #: The parameter-space measures each model-based estimator can give.
 PRODUCES = {
@@ -22,19 +22,23 @@ PRODUCES = {
     "subsample": PARAMETER_MEASURES,
     "jvp": ("frobenius", "l1_mean"),
     "last_block": PARAMETER_MEASURES,
+    "local": PARAMETER_MEASURES,
+    "jvp_cv": ("frobenius",),
 }
 
 #: Default k of the estimators that take one: tokens per rollout, or random directions.
-DEFAULT_K = {"subsample": 16, "jvp": 32}
+DEFAULT_K = {"subsample": 16, "jvp": 32, "jvp_cv": 8}
 
 #: What a payload kind gives when a request names no measure or estimator. Tokens payloads
-#: default to the paper's measure on the cheapest estimator validated against the exact one
-#: (docs/fingerprint.md: subsample keeps every token it scores exact).
+#: default to the paper's measure by ``local``: one forward and one backward (under one
+#: training forward+backward on SmolLM2 and Gemma-3-270M), every token scored, its
+#: per-rollout rho as close to exact's as subsample k=16's at a sixth of the cost
+#: (docs/fingerprint.md, "Estimators").
 PAYLOAD_DEFAULTS = {
     "stats": ("logit_grad", "exact"),
     "logits": ("logit_grad", "exact"),
     "top_k": ("logit_grad", "top_k"),
-    "tokens": ("l1_mean", "subsample"),
+    "tokens": ("l1_mean", "local"),
 }
 
 #: Why a logit-space-only payload cannot give a parameter-space measure.

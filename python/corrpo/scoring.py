@@ -36,7 +36,8 @@ class ScoreConfig:
         the values sent. None: ``exact`` (``subsample`` for tokens, ``top_k`` for top-k).
     objective: ``logit`` (the paper's) or ``logprob``, the seed of each token's backward;
         parameter-space measures only. None: ``logit`` where it applies.
-    estimator_k: tokens per rollout (subsample, default 16) or directions (jvp, default 32).
+    estimator_k: tokens per rollout (subsample, default 16) or directions (jvp, default 32;
+        jvp_cv, default 8).
     estimator_seed: seeds the draws of subsample and jvp.
 
     A config as sent names what it sets; ``resolve`` fills in what a payload gives, and the
@@ -127,7 +128,7 @@ class ScoreConfig:
         if estimator in DEFAULT_K:
             k = k or DEFAULT_K[estimator]
         elif k is not None:
-            raise ConfigError(f"estimator_k applies to the subsample and jvp estimators, not {estimator!r}", field="estimator_k")
+            raise ConfigError(f"estimator_k applies to the {', '.join(DEFAULT_K)} estimators, not {estimator!r}", field="estimator_k")
         return dataclasses.replace(self, measure=measure, estimator=estimator, objective=objective, estimator_k=k)
 
 

@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "Hold the policy and score tokens payloads (prompt and response ids) with the paper's parameter-space "
         "measure; needs corrpo[gradients] (torch, transformers)",
     )
-    model.add_argument("--model", help="a Hugging Face directory, a .gguf file or a corrpo-train checkpoint (.pt)")
+    model.add_argument("--model", help="a Hugging Face directory (a corrpo-train run's sft/ too), a .gguf file, or an installed model package (smollm2, gemma3-270m)")
     model.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"), help="where the model runs")
     model.add_argument("--dtype", default=defaults.dtype, choices=("float32", "bfloat16", "float16"), help="the model's dtype")
     model.add_argument(

@@ -41,9 +41,9 @@ class _Loaded:
 
 
 def _load(path: str, device: str, dtype: str, version: str) -> _Loaded:
-    from corrpo.fingerprinting.models import load_model
     from corrpo.gradients import ArchitectureError
     from corrpo.gradients.architecture import describe
+    from corrpo.models import load_model
 
     try:
         loaded = load_model(path, device=device, dtype=dtype)
@@ -68,7 +68,7 @@ class PolicyModel:
         missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
         if missing:
             raise ModelLoadError(f"model-backed scoring needs {' and '.join(missing)}: pip install 'corrpo[gradients]'")
-        from corrpo.fingerprinting.models import resolve_device
+        from corrpo.models import resolve_device
 
         try:
             self.device = resolve_device(device)

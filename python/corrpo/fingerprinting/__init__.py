@@ -4,8 +4,8 @@
     result = fp.run("path/to/model", "out/", prompts="prompts.jsonl", generate=2)
     fp.compare(["out/base", "out/reasoning"], "out/compare")
 
-Steps, each usable alone: ``models.load_model`` (a Hugging Face directory, a .gguf file or a
-corrpo-train checkpoint), ``generate.generate_responses`` / ``generate.read_responses``,
+Steps, each usable alone: ``corrpo.models.load_model`` (a Hugging Face directory, a .gguf
+file or an installed model package), ``generate.generate_responses`` / ``generate.read_responses``,
 ``score.score_responses`` (``corrpo.gradients.token_strengths`` per response),
 ``analysis.analyze`` (correlations with bootstrap CIs over responses) and ``plots``.
 

@@ -8,7 +8,7 @@ from typing import Any
 
 OBJECTIVES = ("logit", "logprob")
 MEASURES = ("l1_mean", "nuclear_qkvo", "frobenius", "logit_grad", "head_logit_grad")
-ESTIMATORS = ("exact", "subsample", "jvp", "last_block", "logit_grad")
+ESTIMATORS = ("exact", "subsample", "jvp", "last_block", "local", "jvp_cv", "logit_grad")
 
 DESCRIPTION = """\
 The entropy-gradient fingerprint of a model on its own responses (SPEC 3, 4): for every
@@ -16,7 +16,7 @@ scored response token, its entropy H and the gradient strength of the target log
 log-prob) with respect to the weights, then rho(H, strength) pooled, within responses and
 over unique token ids, with 95% bootstrap CIs over responses.
 
-  corrpo fingerprint --model DIR|FILE.gguf|sft.pt --prompts prompts.jsonl --generate 2 --out runs/fp
+  corrpo fingerprint --model DIR|FILE.gguf|smollm2 --prompts prompts.jsonl --generate 2 --out runs/fp
   corrpo fingerprint --model ... --responses runs/fp/responses.jsonl --random-init --out runs/fp-random
   corrpo fingerprint --compare runs/fp runs/fp-random --out runs/fp-compare
 
@@ -38,7 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def configure(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to score")
-    src.add_argument("--model", help="a Hugging Face model directory, a .gguf file, or a corrpo-train checkpoint (sft.pt, checkpoint.pt)")
+    src.add_argument("--model", help="a Hugging Face model directory (a corrpo-train run's sft/ or checkpoint/ too), a .gguf file, or an installed model package: smollm2, gemma3-270m")
     src.add_argument("--prompts", metavar="FILE.jsonl", help='prompts to answer, one JSON object a line: {"prompt": ..., "id"?: ...} or {"messages": [...]}')
     src.add_argument("--generate", type=int, default=1, metavar="N", help="responses per prompt (default 1)")
     src.add_argument("--responses", metavar="FILE.jsonl", help="score these responses instead of generating (a responses.jsonl: prompt/response text or prompt_ids/response_ids)")
@@ -49,7 +49,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     m.add_argument("--objective", default="logit", help="seed of each backward: logit (the paper's, default) or logprob")
     m.add_argument("--measures", nargs="+", metavar="M", help=f"any of {', '.join(MEASURES)} (default: the estimator's)")
     m.add_argument("--estimator", default="exact", help=f"one of {', '.join(ESTIMATORS)} (default exact)")
-    m.add_argument("--k", type=int, help="tokens per response (subsample) or random directions (jvp)")
+    m.add_argument("--k", type=int, help="tokens per response (subsample) or random directions (jvp, jvp_cv)")
     m.add_argument("--positions-stride", type=int, default=1, metavar="S", help="score every S-th response token (default 1: all)")
     m.add_argument("--chunk-size", type=int, help="seeds per batched backward (default: sized to about 1 GiB)")
     g = p.add_argument_group("generation")
@@ -58,7 +58,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chat-template", dest="chat_template", action="store_false", help="use the prompt text as it is, even when the tokenizer has a chat template")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    r.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    r.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16 or float16")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's default; on a busy shared machine 1 can be faster)")
     r.add_argument("--seed", type=int, default=0, help="sampling, subsampling, random init and the bootstrap (default 0)")
     r.add_argument("--random-init", action="store_true", help="the same architecture with freshly initialised (seeded) weights: the control")

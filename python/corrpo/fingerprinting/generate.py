@@ -89,11 +89,20 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 
 
 def _check_chars(tokenizer: Any, text: str, where: str) -> None:
-    alphabet = getattr(tokenizer, "corrpo_alphabet", None)
-    if alphabet is not None:
-        bad = sorted(set(text) - set(alphabet))
-        if bad:
-            raise ConfigError(f"{where}: characters {bad} are not in the corrpo-train task's alphabet {alphabet!r}")
+    """Text the tokenizer has no token for would silently become its unknown token (a
+    word-level tokenizer such as corrpo-train's character one has one): the model would score
+    another text than the one given. Offsets, which say what text each token covers, need a
+    fast tokenizer (what transformers loads by default)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not getattr(tokenizer, "is_fast", False):
+        return
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = (text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk)
+    bad = sorted({span for span in spans if span != tokenizer.unk_token})
+    if bad:
+        raise ConfigError(
+            f"{where}: {bad} are not in the tokenizer's vocabulary (each would encode as its unknown token {tokenizer.unk_token!r})"
+        )
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt | str, *, chat_template: bool = True, where: str = "prompt") -> tuple[str, list[int]]:

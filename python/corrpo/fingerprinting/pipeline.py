@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..models import Loaded, describe, load_model
 from . import analysis, plots
 from .generate import Response, generate_responses, read_prompts, read_responses, write_responses
-from .models import Loaded, describe, load_model
 from .score import Scored, count_scored, score_responses
 
 BASE_COLUMNS = ("response", "prompt_index", "sample", "position", "response_position", "token_id", "token_text", "entropy_bits")
@@ -105,7 +105,7 @@ def check_settings(
     """Settings checked before anything slow happens: the measure's through
     ``corrpo.gradients.check_settings``, then the tool's own."""
     from ..gradients import check_settings as check_measure
-    from .models import DTYPES, resolve_device
+    from ..models import DTYPES, resolve_device
 
     check_measure(objective=objective, estimator=estimator, measures=measures, k=k, chunk_size=chunk_size)
     if dtype not in DTYPES:
@@ -163,16 +163,14 @@ def run(
     )
     if threads:
         torch.set_num_threads(threads)
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     outdir = Path(out)
     # Read the inputs before the (slow) model load, so that a bad file fails at once.
     prompt_list = read_prompts(prompts) if prompts is not None else None
     if responses is not None and not Path(responses).is_file():
         raise ConfigError(f"responses file {str(responses)!r} does not exist")
-    loaded = model if isinstance(model, Loaded) else load_model(model, device=device, dtype=dtype, random_init=random_init, seed=seed)
+    loaded = model if isinstance(model, Loaded) else load_model(model, device=device, dtype=dtype, random_init=random_init, seed=seed, progress=progress)
+    # Prompts are encoded, responses and tokens.csv decoded: text both ways.
+    tokenizer = loaded.require_tokenizer("corrpo fingerprint (it encodes prompts and decodes responses and tokens.csv)")
     outdir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
 
@@ -183,7 +181,7 @@ def run(
         try:
             got = generate_responses(
                 loaded.model,
-                loaded.tokenizer,
+                tokenizer,
                 prompt_list,
                 n=generate,
                 max_new_tokens=max_new_tokens,
@@ -197,7 +195,7 @@ def run(
             bar.close()
         gen_s = time.perf_counter() - t0
     else:
-        got = read_responses(responses, loaded.tokenizer, chat_template=chat_template)
+        got = read_responses(responses, tokenizer, chat_template=chat_template)
     write_responses(outdir / "responses.jsonl", got)
     files["responses"] = str(outdir / "responses.jsonl")
 
@@ -222,7 +220,7 @@ def run(
     t0 = time.perf_counter()
     stats = analysis.analyze(scored, n_boot=bootstrap, seed=seed, min_tokens=min_tokens)
     analysis_s = time.perf_counter() - t0
-    files["tokens"] = str(write_tokens_csv(outdir / "tokens.csv", scored, loaded.tokenizer, per_block_columns=per_block_columns))
+    files["tokens"] = str(write_tokens_csv(outdir / "tokens.csv", scored, tokenizer, per_block_columns=per_block_columns))
     name = label or (loaded.name + (" (random init)" if loaded.random_init else ""))
     title = f"{name}, {objective} objective, {len(scored)} tokens / {len(got)} responses"
     files["scatter"] = str(plots.scatter(outdir / "scatter.png", scored.columns, scored.measures, stats["measures"], title))

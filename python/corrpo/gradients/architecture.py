@@ -119,8 +119,8 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def _out_features(module: nn.Module) -> int:
-    weight = module.weight
-    return weight.shape[1] if is_conv1d(module) else weight.shape[0]
+    shape = getattr(module.weight, "ds_shape", module.weight.shape)  # ZeRO-3: see find_blocks
+    return shape[1] if is_conv1d(module) else shape[0]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -148,7 +148,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        size = sum(p.numel() for p in module.parameters())
+        # ZeRO-3 parameters hold only their partition; ds_numel counts the whole one.
+        size = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
         if size and (best is None or size > best[0]):
             best = (size, name, module)
     if best is None:

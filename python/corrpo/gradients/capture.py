@@ -39,7 +39,15 @@ class Capture:
                 linear = isinstance(module, nn.Linear) or is_conv1d(module)
                 kind = LinearHandler if linear else GenericHandler
                 self.handlers.append(kind(module=module, block=b, parts=parts.get(name, [])))
+        self.blocks = blocks
+        # Each chosen block's input hidden states (in the graph), for the exact measure's
+        # block-by-block backward on long prefixes.
+        self.block_inputs: dict[int, torch.Tensor] = {}
         self.head_input: torch.Tensor | None = None
+        # The autocast dtype the LM head ran under in the last forward (None: none; kept
+        # across ``reset``): trainers wrap the forward in torch.autocast (accelerate's mixed
+        # precision), and the seed checks must recompute the head as the model did.
+        self.head_autocast: torch.dtype | None = None
         self.recording = True
         self._hooks: list = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
@@ -52,6 +60,8 @@ class Capture:
             p.requires_grad_(False)
         for handler in self.handlers:
             self._hooks.append(handler.module.register_forward_hook(self._recorder(handler), with_kwargs=True))
+        for b in self.blocks:
+            self._hooks.append(self.arch.blocks[b].register_forward_pre_hook(self._block_hook(b), with_kwargs=True))
         self._hooks.append(self.arch.head.register_forward_pre_hook(self._head_hook))
         embed = self.model.get_input_embeddings()
         self._hooks.append(embed.register_forward_hook(self._embed_hook))
@@ -69,6 +79,7 @@ class Capture:
         for handler in self.handlers:
             handler.calls.clear()
         self.head_input = None
+        self.block_inputs.clear()
 
     def _recorder(self, handler: Handler):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
@@ -82,9 +93,21 @@ class Capture:
 
         return hook
 
+    def _block_hook(self, b: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.recording:
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(hidden, torch.Tensor):
+                    self.block_inputs[b] = hidden
+
+        return hook
+
     def _head_hook(self, module: nn.Module, args: tuple) -> None:
         if self.recording:
             self.head_input = args[0]
+            device = args[0].device.type
+            on = torch.is_autocast_enabled(device)
+            self.head_autocast = torch.get_autocast_dtype(device) if on else None
 
     def _embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.recording and torch.is_grad_enabled() and not output.requires_grad:

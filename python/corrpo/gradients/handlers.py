@@ -53,6 +53,11 @@ class Norms:
         return cls(z.clone(), z.clone(), z.clone())
 
 
+def per_block(norms: list[Norms]) -> dict[str, torch.Tensor]:
+    """Per-block sums as the estimators return them: [S, blocks] per kind of norm."""
+    return {key: torch.stack([getattr(n, key) for n in norms], dim=1) for key in ("l1", "sq", "nuclear")}
+
+
 @dataclass
 class Needs:
     l1: bool
@@ -115,6 +120,28 @@ class LinearHandler(Handler):
             rg = torch.matmul(r, g)  # [S, min(P, d_in), d_out]
             for rows in self.parts:
                 into.nuclear += nuclear(rg if rows is None else rg[:, :, rows.to(rg.device)])
+
+
+    def row_terms(self, a: torch.Tensor, g: torch.Tensor, needs: Needs, into: Norms) -> None:
+        """Adds the norms of rank-one gradients, each seed s's formed at its own row: ``g_s
+        a_s^T`` for the weight (L1 ``|g_s|_1 |a_s|_1``, Frobenius and the nuclear norm of
+        each q/k/v/o part ``|g_s[part]|_2 |a_s|_2``) and ``g_s`` for the bias. ``a`` [S, d_in]:
+        the layer's input rows, ``g`` [S, d_out]: the backprops at its output rows."""
+        a = a.to(torch.float64)
+        g = g.to(torch.float64)
+        a2 = a.norm(dim=1)
+        if needs.l1:
+            into.l1 += g.abs().sum(dim=1) * a.abs().sum(dim=1)
+        if needs.sq:
+            into.sq += g.square().sum(dim=1) * a2.square()
+        if getattr(self.module, "bias", None) is not None:
+            if needs.l1:
+                into.l1 += g.abs().sum(dim=1)
+            if needs.sq:
+                into.sq += g.square().sum(dim=1)
+        if needs.nuclear:
+            for rows in self.parts:
+                into.nuclear += (g if rows is None else g[:, rows.to(g.device)]).norm(dim=1) * a2
 
 
 class GenericHandler(Handler):

@@ -10,7 +10,7 @@ from ..measures import MEASURES
 
 #: How ``token_strengths`` obtains the measures (see ``corrpo.gradients.estimators``):
 #: "logit_grad" computes only the logit-space measures, from the logits.
-ESTIMATORS = ("exact", "subsample", "jvp", "last_block", "logit_grad")
+ESTIMATORS = ("exact", "subsample", "jvp", "last_block", "local", "jvp_cv", "logit_grad")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,14 @@ from torch import nn
 from ..errors import ConfigError, ShapeError
 from .architecture import describe
 from .capture import Capture
-from .estimators import jvp_row, last_block_row, logits_row
+from .estimators import jvp_cv_row, jvp_row, last_block_row, logits_row
 from .exact import exact_row
+from .local import local_row
 from .handlers import Needs
 from ..measures import DEFAULT_K, LOGIT_MEASURES, MEASURES, OBJECTIVES, PARAMETER_MEASURES
 from ..measures import PRODUCES as _MODEL_PRODUCES
 from .result import ESTIMATORS, TokenStrengths
+from .sharding import unwrap, whole_parameters
 
 #: What each estimator can produce, and what it gives when ``measures`` is None.
 PRODUCES = {**_MODEL_PRODUCES, "logit_grad": ()}
@@ -27,8 +29,12 @@ DEFAULTS = {
     "subsample": ("l1_mean", "nuclear_qkvo"),
     "jvp": ("frobenius",),
     "last_block": PARAMETER_MEASURES,
+    "local": PARAMETER_MEASURES,
+    "jvp_cv": ("frobenius",),
     "logit_grad": LOGIT_MEASURES,
 }
+#: Estimators whose values are of whole sums over the blocks (no per-block terms).
+WHOLE = ("jvp", "jvp_cv")
 
 
 def token_strengths(
@@ -51,6 +57,10 @@ def token_strengths(
     model: a Hugging Face causal LM (``model(input_ids).logits``; Llama / Mistral / Qwen2 /
         Gemma-style ``q_proj`` ..., GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``, Phi-3
         ``qkv_proj``), on any device and dtype. It is run in eval mode (restored after).
+        Wrapped in DistributedDataParallel, its ``.module`` is scored; sharded with FSDP2
+        (``fully_shard``), its parameters are gathered whole on each rank while scoring
+        (``corrpo.gradients.sharding``): every rank must call this together, each with its
+        own sequences.
     input_ids: [L] or [B, L] token ids (torch or array-like).
     positions: indices t of the scored tokens, each predicted from t-1. None: every t >= 1
         (with ``attention_mask``, every t whose own and previous mask entry are 1). For [L]
@@ -62,7 +72,11 @@ def token_strengths(
         tokens per row drawn with ``seed``; only those are returned), "jvp" (``k`` random
         forward-mode directions for every token at once: Gaussian ones give an unbiased
         estimate of frobenius^2, Cauchy ones a median estimate of l1_mean),
-        "last_block" (the rank-1 terms of the top block from one truncated backward), or
+        "last_block" (the rank-1 terms of the top block from one truncated backward),
+        "local" (every block's rank-1 terms with the other positions' keys and values
+        detached, from one forward and one backward: ``corrpo.gradients.local``),
+        "jvp_cv" (frobenius^2 as local's plus ``k`` orthogonal Gaussian directions'
+        estimate of the difference, with local's jvp as control variate), or
         "logit_grad" (logits only).
     attention_mask: [B, L] 0/1 with each row's ones contiguous (left or right padding); a
         padded row gives what the row alone gives.
@@ -71,6 +85,7 @@ def token_strengths(
     progress: called with the number of tokens each time some are finished.
     """
     wanted, k = check_settings(objective=objective, estimator=estimator, measures=measures, k=k, chunk_size=chunk_size)
+    model = unwrap(model)
     arch = describe(model)
     device = next(model.parameters()).device
     ids, single = _ids(input_ids, device)
@@ -87,7 +102,7 @@ def token_strengths(
     training = model.training
     model.eval()
     try:
-        with Capture(model, arch, blocks) as capture:
+        with whole_parameters(model), Capture(model, arch, blocks) as capture:
             for b, pos in enumerate(chosen):
                 if len(pos) == 0:
                     continue
@@ -99,6 +114,10 @@ def token_strengths(
                 else:
                     if estimator == "jvp":
                         out = jvp_row(capture, row, local, objective, needs, k, generator)
+                    elif estimator == "jvp_cv":
+                        out = jvp_cv_row(capture, row, local, objective, k, generator)
+                    elif estimator == "local":
+                        out = local_row(capture, row, local, objective, needs)
                     elif estimator == "last_block":
                         out = last_block_row(capture, row, local, objective)
                     else:
@@ -179,7 +198,7 @@ def check_settings(
     if k is None:
         return wanted, DEFAULT_K.get(estimator, 0)
     if estimator not in DEFAULT_K:
-        raise ConfigError(f"k applies to the subsample and jvp estimators, not {estimator!r}", field="k")
+        raise ConfigError(f"k applies to the subsample, jvp and jvp_cv estimators, not {estimator!r}", field="k")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}", field="k")
     return wanted, k
@@ -285,14 +304,14 @@ def _assemble(
 
     values: dict[str, np.ndarray] = {}
     per_block: dict[str, np.ndarray] = {}
-    # Per-block terms: [N, blocks covered]; the jvp estimates are of whole sums (one column).
-    width = 1 if estimator == "jvp" else len(blocks)
+    # Per-block terms: [N, blocks covered]; the WHOLE estimates are of whole sums (one column).
+    width = 1 if estimator in WHOLE else len(blocks)
     for measure, key in (("l1_mean", "l1"), ("nuclear_qkvo", "nuclear"), ("frobenius", "sq")):
         if measure not in wanted:
             continue
         terms = cat(key, width)
         values[measure] = np.sqrt(terms.sum(axis=1)) if measure == "frobenius" else terms.mean(axis=1)
-        if estimator != "jvp":
+        if estimator not in WHOLE:
             per_block[measure] = terms
     if "logit_grad" in wanted or "head_logit_grad" in wanted:
         grad = cat("logit_grad")
@@ -300,7 +319,7 @@ def _assemble(
             values["logit_grad"] = grad
         if "head_logit_grad" in wanted:
             values["head_logit_grad"] = grad * cat("hidden_norm")
-    names = tuple(block_names[b] for b in blocks) if estimator not in ("jvp", "logit_grad") else ()
+    names = tuple(block_names[b] for b in blocks) if estimator not in (*WHOLE, "logit_grad") else ()
     return TokenStrengths(
         objective=objective,
         estimator=estimator,

@@ -13,7 +13,12 @@ returns ``r - coef * rho(H, S)``. TRL then normalizes the rewards per group itse
 (``scale_rewards``), so the server's advantages are not used. Prompts are tokenized as
 ``GRPOTrainer`` does (plain text: the tokenizer with its special tokens; conversations: its
 chat template with the generation prompt). Groups are ``num_generations`` consecutive
-completions, as TRL's sampler orders them; a call must hold whole groups (one process).
+completions, as TRL's sampler orders them. Under data parallelism (DDP, FSDP2, ZeRO-3: TRL
+runs one process per device and spreads each group over processes), every process scores its
+own completions on its own copy or shard of the model (``corrpo.gradients.sharding``), the
+processes' statistics are gathered in process order (as TRL gathers rewards), the first
+process asks the server, and each returns its own completions' rewards: every process must
+call it, as TRL does.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ def _is_conversation(prompt: Any) -> bool:
 class CorrpoReward:
     """A GRPOTrainer reward function: the verifier's rewards with the CorR-PO term.
 
-    model: the model GRPOTrainer trains (the same object, so S is the current policy's).
+    model: the model GRPOTrainer trains (the same object, so S is the current policy's; a
+        DDP or DeepSpeed wrapper, an FSDP2-sharded or ZeRO-3-partitioned model is scored
+        whole, gathered on each process while scoring).
     tokenizer: its processing class. client: a ``corrpo.client.RewardClient``.
     verifier: a TRL-style reward function ``(prompts, completions, completion_ids, **kw)
         -> list[float]``, or None (verifier-free: r = 0).
     num_generations: GRPOConfig's. measure, estimator, objective, estimator_k: of S (see
-        ``corrpo.ScoreConfig``; default the paper's ``l1_mean`` by ``subsample``).
+        ``corrpo.ScoreConfig``; default the paper's ``l1_mean`` by ``local``).
     settings: any other ``ScoreConfig`` setting sent with every request (coef, gate, ...);
         gate defaults to ``correct`` with a verifier (ungated CorR-PO collapsed weak policies in
         our study) and to ``none`` without one (``correct`` needs the verifier's rewards).
@@ -57,7 +64,7 @@ class CorrpoReward:
         verifier: Callable[..., Sequence[float]] | None = None,
         num_generations: int,
         measure: str = "l1_mean",
-        estimator: str = "subsample",
+        estimator: str = "local",
         objective: str = "logit",
         estimator_k: int | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
@@ -116,26 +123,34 @@ class CorrpoReward:
         }
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]], **kwargs: Any) -> list[float]:
-        if len(prompts) % self.num_generations:
+        counts = _gathered(len(prompts))
+        if sum(counts) % self.num_generations:
             raise ShapeError(
-                f"{len(prompts)} completions do not form whole groups of num_generations={self.num_generations}: "
-                "CorrpoReward needs each call to hold whole groups (one process)"
+                f"{sum(counts)} completions (over {len(counts)} process(es)) do not form whole groups of "
+                f"num_generations={self.num_generations}"
             )
+        start = sum(counts[: _world()[0]])
         rewards = None
         if self.verifier is not None:
             rewards = [float(r) for r in self.verifier(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)]
         stats = self.strengths(self.prompt_ids(prompts), completion_ids, seed=self.calls)
+        parts = _gathered((stats, rewards))
+        stats = {key: None if value is None else [x for part in parts for x in part[0][key]] for key, value in stats.items()}
+        if rewards is not None:
+            rewards = [r for part in parts for r in part[1]]
         strength = stats.pop("strength")
-        scores = self.client.score(
-            **stats,
-            **({} if strength is None else {"strength": strength}),
-            rewards=rewards,
-            group_sizes=self.num_generations,
-            measure=self.measure,
-            estimator=self.estimator,
-            objective=self.objective,
-            estimator_k=self.estimator_k,
-            **self.settings,
+        scores = _first_process(
+            lambda: self.client.score(
+                **stats,
+                **({} if strength is None else {"strength": strength}),
+                rewards=rewards,
+                group_sizes=self.num_generations,
+                measure=self.measure,
+                estimator=self.estimator,
+                objective=self.objective,
+                estimator_k=self.estimator_k,
+                **self.settings,
+            )
         )
         self.calls += 1
         log_metric = kwargs.get("log_metric")
@@ -144,4 +159,44 @@ class CorrpoReward:
             if scores.logit_grad is not None:
                 log_metric("corrpo/rho_pooled_logit_grad", scores.logit_grad.rho_pooled)
         self.last = scores
-        return scores.rewards.tolist()
+        return scores.rewards[start : start + len(prompts)].tolist()
+
+
+def _world() -> tuple[int, int]:
+    """(rank, size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (TRL's order of a batch's completions)."""
+    import torch.distributed as dist
+
+    _, size = _world()
+    if size == 1:
+        return [obj]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _first_process(call: Callable[[], Any]) -> Any:
+    """``call()``'s result on process 0, on every process; its error raised on every one."""
+    import torch.distributed as dist
+
+    rank, size = _world()
+    if size == 1:
+        return call()
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = call()
+        except Exception as err:  # noqa: BLE001 - re-raised on every process below
+            box[0] = err
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]

@@ -59,7 +59,7 @@ def _local_server(out: Path, cfg: TrainConfig) -> Any:
         # The server starts on the run's initial model; the first RL step reloads the policy.
         from .loop import initial_weights
 
-        args = ["--model", str(initial_weights(cfg, out / "server-weights.pt")), "--device", cfg.device]
+        args = ["--model", str(initial_weights(cfg, out / "server-weights")), "--device", cfg.device]
     return ServerProcess(*args, log=out / "server.log", ready_timeout=300)
 
 

@@ -29,7 +29,7 @@ SIZES = {
 }
 #: ``--strength``: the logit-space G, or the paper's measure by one of these estimators
 #: (``corrpo.train.strengths`` computes them).
-STRENGTHS = ("logit_grad", "exact", "subsample", "jvp", "last_block")
+STRENGTHS = ("logit_grad", "exact", "subsample", "jvp", "last_block", "local")
 #: The parameter-space measure every estimator gives.
 MEASURE = "l1_mean"
 
@@ -69,9 +69,9 @@ class TrainConfig:
     advantage: str = "grpo"  # grpo | drgrpo
     min_tokens: int = 8
     # The per-token strength S correlated with entropy: the paper's parameter-space measure
-    # (l1_mean) by an estimator of corrpo.gradients (exact | subsample | jvp | last_block), or
+    # (l1_mean) by an estimator of corrpo.gradients (exact | subsample | jvp | last_block | local), or
     # logit_grad, the logit-space G whose rho with H is near +1 by construction.
-    strength: str = "subsample"
+    strength: str = "local"
     objective: str = "logit"  # logit (the paper's) | logprob: the seed of each token's backward
     strength_k: int = 0  # tokens per rollout (subsample) or directions (jvp); 0: the estimator's default
     # Score tokens on a model-backed corrpo-server instead (sending ids, not statistics); the

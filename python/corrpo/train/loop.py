@@ -45,7 +45,8 @@ from .config import SIZES, TrainConfig
 from .dist import World
 from .loss import policy_loss, token_logprobs
 from .model import ModelConfig, Transformer, generate
-from .state import MetricsLog, load_checkpoint, read_metrics, save_atomic
+from .hf import OPTIMIZER_FILE, pretrained_weights, read_trainer_file, save_pretrained
+from .state import MetricsLog, read_metrics, settle_dir, write_dir_atomic
 from .strengths import ParameterStrengths, Strengths
 from .task import EOS, PAD, AdditionTask, Problem
 
@@ -74,13 +75,17 @@ def build_model(cfg: TrainConfig, task: AdditionTask) -> Transformer:
     )
 
 
-def initial_weights(cfg: TrainConfig, path: Path) -> Path:
-    """A checkpoint of the run's initial model at ``path``, for a model-backed server to
-    start from (the run reloads its policy before the server scores anything)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = build_model(cfg, AdditionTask(cfg.digits, cfg.data_seed, cfg.eval_size))
-    save_atomic({"model": model.state_dict(), "config": cfg.training_identity()}, path)
+def save_model(model: Transformer, cfg: TrainConfig, path: Path) -> Path:
+    """``model`` as a Hugging Face directory at ``path`` (replaced whole), for corrpo's
+    loaders: a model-backed server, the fingerprint tool, a run that starts from it."""
+    write_dir_atomic(path, lambda d: save_pretrained(model, d, cfg.training_identity()))
     return path
+
+
+def initial_weights(cfg: TrainConfig, path: Path) -> Path:
+    """The run's initial model at ``path``, for a model-backed server to start from (the
+    run reloads its policy before the server scores anything)."""
+    return save_model(build_model(cfg, AdditionTask(cfg.digits, cfg.data_seed, cfg.eval_size)), cfg, path)
 
 
 def response_lengths(responses: torch.Tensor) -> torch.Tensor:
@@ -158,35 +163,33 @@ class Trainer:
 
     def _checkpoint(self, phase: str, step: int) -> None:
         if self.world.is_root:
-            save_atomic(
-                {
-                    "phase": phase,
-                    "step": step,
-                    "model": self.policy.state_dict(),
-                    "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-                    "metrics_lines": self.metrics.lines(),
-                    "config": self.cfg.training_identity(),
-                },
-                self.out / "checkpoint.pt",
+            resume = {"phase": phase, "step": step, "metrics_lines": self.metrics.lines()}
+            optimizer = None if self.optimizer is None else self.optimizer.state_dict()
+            write_dir_atomic(
+                self.out / "checkpoint",
+                lambda d: save_pretrained(self.policy, d, self.cfg.training_identity(), resume=resume, optimizer=optimizer),
             )
         self.world.barrier()
 
     def restore(self) -> tuple[str, int]:
         """Where to start: this run's checkpoint, else ``init_from``'s SFT model, else the
         beginning. Returns (phase, steps of it already done)."""
-        own = self.out / "checkpoint.pt"
+        own = self.out / "checkpoint"
+        if self.world.is_root:
+            settle_dir(own)
+        self.world.barrier()
         if own.exists():
-            state = load_checkpoint(own)
-            if state["config"] != self.cfg.training_identity():
-                changed = sorted(k for k, v in self.cfg.training_identity().items() if state["config"].get(k) != v)
+            state = read_trainer_file(own)
+            if state["settings"] != self.cfg.training_identity():
+                changed = sorted(k for k, v in self.cfg.training_identity().items() if state["settings"].get(k) != v)
                 raise ValueError(
                     f"{self.out} holds a run with other settings ({', '.join(changed)}); "
                     "give another --out, or remove that directory to start over"
                 )
-            self.policy.load_state_dict(state["model"])
-            if state["optimizer"] is not None:
+            self.policy.load_state_dict(pretrained_weights(own)[1])
+            if (own / OPTIMIZER_FILE).exists():
                 self.optimizer = self._new_optimizer(state["phase"])
-                self.optimizer.load_state_dict(state["optimizer"])
+                self.optimizer.load_state_dict(torch.load(own / OPTIMIZER_FILE, map_location="cpu"))
             if self.world.is_root:
                 self.metrics.truncate(state["metrics_lines"])
                 print(f"corrpo-train: resuming {self.out} at {state['phase']} step {state['step']}", file=sys.stderr)
@@ -196,13 +199,15 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self.metrics.truncate(0)
         if self.init_from is not None:
-            state = load_checkpoint(self.init_from / "sft.pt")
-            mismatched = [k for k in SFT_SETTINGS if state["config"].get(k) != getattr(self.cfg, k)]
+            sft = self.init_from / "sft"
+            settings = read_trainer_file(sft)["settings"]
+            mismatched = [k for k in SFT_SETTINGS if settings.get(k) != getattr(self.cfg, k)]
             if mismatched:
                 raise ValueError(f"{self.init_from}'s SFT was run with other settings: {', '.join(mismatched)}")
-            self.policy.load_state_dict(state["model"])
+            self.policy.load_state_dict(pretrained_weights(sft)[1])
             if self.world.is_root:
-                shutil.copyfile(self.init_from / "sft.pt", self.out / "sft.pt")
+                shutil.rmtree(self.out / "sft", ignore_errors=True)
+                shutil.copytree(sft, self.out / "sft")
                 for record in read_metrics(self.init_from / "metrics.jsonl"):
                     if record["phase"] == "sft":
                         self.metrics.append(record)
@@ -450,8 +455,7 @@ class Trainer:
 
     def _sync_server(self, score: Any, step: int) -> None:
         """Hands the model-backed server the policy that sampled this step's rollouts."""
-        path = self.out / "server-weights.pt"
-        save_atomic({"model": self.policy.state_dict(), "config": self.cfg.training_identity()}, path)
+        path = save_model(self.policy, self.cfg, self.out / "server-weights")
         score.reload(path, f"{self.run_id}/rl/{step}")
 
     def run(self, score_client: Any | None = None) -> list[dict[str, Any]]:
@@ -471,7 +475,7 @@ class Trainer:
                     record = self.sft_step(step)
                     self._finish_step(record, step, cfg.sft_steps, step, "sft", bar, started)
                 if self.world.is_root:
-                    save_atomic({"model": self.policy.state_dict(), "config": cfg.training_identity()}, self.out / "sft.pt")
+                    save_model(self.policy, cfg, self.out / "sft")
                 self.optimizer = None
                 self._checkpoint("rl", 0)
                 phase, done = "rl", 0
@@ -479,7 +483,7 @@ class Trainer:
                 self.optimizer = self._new_optimizer("rl")
             if cfg.kl_coef > 0:
                 self.reference = copy.deepcopy(self.policy)
-                self.reference.load_state_dict(load_checkpoint(self.out / "sft.pt")["model"])
+                self.reference.load_state_dict(pretrained_weights(self.out / "sft")[1])
                 self.reference.requires_grad_(False)
             for step in range(done + 1, cfg.rl_steps + 1):
                 record = self.rl_step(step, score)

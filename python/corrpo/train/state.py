@@ -2,11 +2,13 @@
 
     OUT/config.json       the settings
     OUT/metrics.jsonl     one JSON object per step
-    OUT/checkpoint.pt     the latest checkpoint (every ``checkpoint_every`` steps and at
-                          each phase's end), written to a temporary file and renamed, so
-                          a kill never leaves half of one
-    OUT/sft.pt            the model at the end of SFT: RL's KL reference, and where a
-                          study's methods start from (``init_from``)
+    OUT/checkpoint/       the latest checkpoint (every ``checkpoint_every`` steps and at
+                          each phase's end): a Hugging Face model directory (``hf.py``)
+                          with what a resumed run needs beside it, written to a temporary
+                          directory and renamed, so a kill never leaves half of one
+    OUT/sft/              the model at the end of SFT (a Hugging Face model directory):
+                          RL's KL reference, and where a study's methods start from
+                          (``init_from``)
     OUT/summary.json      the final figures
     OUT/training.png      accuracy, reward and pooled rho over SFT and RL
     OUT/server.log        the local reward server's request log, when the run started one
@@ -17,10 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def _clean(value: Any) -> Any:
@@ -63,14 +65,34 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _aside(path: Path, what: str) -> Path:
+    return path.with_name(f"{path.name}.{what}")
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def write_dir_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Replaces the directory ``path`` by what ``write`` puts into an empty directory. A
+    directory cannot be renamed over another, so the old one is moved aside first; a kill
+    at any moment leaves a whole directory that ``settle_dir`` puts back at ``path``."""
+    new, old = _aside(path, "new"), _aside(path, "old")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    write(new)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def settle_dir(path: Path) -> None:
+    """After a kill inside ``write_dir_atomic``: with ``path`` gone, ``.old`` only exists once
+    ``.new`` was whole (it is moved aside after the write), so ``.new`` takes its place;
+    otherwise ``.new`` may be half written and goes."""
+    new, old = _aside(path, "new"), _aside(path, "old")
+    if not path.exists() and old.exists():
+        os.replace(new if new.exists() else old, path)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

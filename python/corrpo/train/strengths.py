@@ -45,12 +45,12 @@ class ParameterStrengths:
     ``corrpo.gradients``, on a Llama mirror of the policy synced at every call."""
 
     def __init__(self, policy: torch.nn.Module, objective: str) -> None:
-        from corrpo.fingerprinting.models import convert_train_model
+        from .hf import to_llama
 
         self.policy = policy
         self.objective = objective
         device = next(policy.parameters()).device
-        self.mirror = convert_train_model(policy).to(device).requires_grad_(False)
+        self.mirror = to_llama(policy).to(device).requires_grad_(False)
 
     def __call__(
         self,
@@ -65,8 +65,9 @@ class ParameterStrengths:
         """prompts [B, P], responses [B, S] (padded after each row's length), lengths [B];
         B splits into ``len(seeds)`` groups of rows, each drawn with its own seed (so a
         group's draws do not depend on which rank or batch it is in)."""
-        from corrpo.fingerprinting.models import sync_llama
         from corrpo.gradients import token_strengths
+
+        from .hf import sync_llama
 
         sync_llama(self.policy, self.mirror)
         ids = torch.cat([prompts, responses], dim=1)

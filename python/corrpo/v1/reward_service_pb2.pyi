@@ -50,6 +50,8 @@ class Estimator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ESTIMATOR_JVP: _ClassVar[Estimator]
     ESTIMATOR_LAST_BLOCK: _ClassVar[Estimator]
     ESTIMATOR_TOP_K_BOUND: _ClassVar[Estimator]
+    ESTIMATOR_LOCAL: _ClassVar[Estimator]
+    ESTIMATOR_JVP_CV: _ClassVar[Estimator]
 
 class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -89,6 +91,8 @@ ESTIMATOR_SUBSAMPLE: Estimator
 ESTIMATOR_JVP: Estimator
 ESTIMATOR_LAST_BLOCK: Estimator
 ESTIMATOR_TOP_K_BOUND: Estimator
+ESTIMATOR_LOCAL: Estimator
+ESTIMATOR_JVP_CV: Estimator
 OBJECTIVE_UNSPECIFIED: Objective
 OBJECTIVE_LOGIT: Objective
 OBJECTIVE_LOGPROB: Objective
