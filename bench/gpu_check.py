@@ -282,6 +282,13 @@ def strength_sections(rows: list[dict], status: str) -> list[str]:
     return out + table(header, body, right=3) + [""]
 
 
+def pytest_lines(counts: dict[str, Any], what: str = "") -> list[str]:
+    """A pytest run's counts (``junit_counts``) and its failed tests, as markdown lines."""
+    head = (f"{counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, "
+            f"{counts['skipped']} skipped, of {counts['tests']}{what}.")  # fmt: skip
+    return [head, *(f"- failed: `{name}`" for name in counts["failed"])]
+
+
 def render(results: dict) -> str:
     m = results["machine"]
     smi = m.get("nvidia_smi")
@@ -310,9 +317,7 @@ def render(results: dict) -> str:
     ]  # fmt: skip
     tests = results.get("cuda_tests")
     if tests:
-        lines.append(f"{tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
-                     f"{tests['skipped']} skipped, of {tests['tests']}: `{' '.join(CUDA_TESTS)}`.")  # fmt: skip
-        lines += [f"- failed: `{name}`" for name in tests["failed"]]
+        lines += pytest_lines(tests, f": `{' '.join(CUDA_TESTS)}`")
     else:
         lines.append(f"No results: step cuda-tests {status('cuda-tests')}.")
     lines.append("")
@@ -321,9 +326,7 @@ def render(results: dict) -> str:
     lines += ["## SGLang engine with corrpo's plugin, no stub", ""]
     sg = results.get("sglang")
     if sg:
-        lines.append(f"{sg['passed']} passed, {sg['failures']} failed, {sg['errors']} errors, {sg['skipped']} skipped, "
-                     f"of {sg['tests']}.")  # fmt: skip
-        lines += [f"- failed: `{name}`" for name in sg["failed"]]
+        lines += pytest_lines(sg)
     else:
         lines.append(f"Step sglang {status('sglang')}.")
     return "\n".join(lines) + "\n"
