@@ -1,7 +1,9 @@
 """Adapters between corrpo and the RL stacks it plugs into (docs/integrations.md). Each
 submodule imports its stack only when used, so ``import corrpo`` stays light.
 
-- ``corrpo.integrations.trl``: a ``GRPOTrainer`` reward function with the CorR-PO term.
+- ``corrpo.integrations.trl``: a ``GRPOTrainer`` reward function with the CorR-PO term, and
+  ``FingerprintCallback`` (``corrpo.integrations.monitor``: the fingerprint followed through
+  training by any transformers or TRL trainer).
 - ``corrpo.integrations.verl``: reward managers and the ``corrpo_grpo`` advantage estimator,
   registered with verl's own decorators (imports verl).
 - ``corrpo.integrations.openrlhf``: OpenRLHF's remote reward model (HTTP) and its

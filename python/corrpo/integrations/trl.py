@@ -1,4 +1,6 @@
-"""A CorR-PO reward function for TRL's ``GRPOTrainer`` (TRL 1.16; imports nothing of TRL).
+"""A CorR-PO reward function for TRL's ``GRPOTrainer`` (TRL 1.16; imports nothing of TRL), and
+``FingerprintCallback`` (``corrpo.integrations.monitor``), which follows the fingerprint of any
+TRL or transformers trainer while it trains.
 
     from corrpo.integrations.trl import CorrpoReward
 
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
+from .processes import gathered, world
 
 
 def _is_conversation(prompt: Any) -> bool:
@@ -123,18 +126,18 @@ class CorrpoReward:
         }
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]], **kwargs: Any) -> list[float]:
-        counts = _gathered(len(prompts))
+        counts = gathered(len(prompts))
         if sum(counts) % self.num_generations:
             raise ShapeError(
                 f"{sum(counts)} completions (over {len(counts)} process(es)) do not form whole groups of "
                 f"num_generations={self.num_generations}"
             )
-        start = sum(counts[: _world()[0]])
+        start = sum(counts[: world()[0]])
         rewards = None
         if self.verifier is not None:
             rewards = [float(r) for r in self.verifier(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)]
         stats = self.strengths(self.prompt_ids(prompts), completion_ids, seed=self.calls)
-        parts = _gathered((stats, rewards))
+        parts = gathered((stats, rewards))
         stats = {key: None if value is None else [x for part in parts for x in part[0][key]] for key, value in stats.items()}
         if rewards is not None:
             rewards = [r for part in parts for r in part[1]]
@@ -162,32 +165,11 @@ class CorrpoReward:
         return scores.rewards[start : start + len(prompts)].tolist()
 
 
-def _world() -> tuple[int, int]:
-    """(rank, size) of the default process group; (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gathered(obj: Any) -> list[Any]:
-    """Every process's ``obj``, in rank order (TRL's order of a batch's completions)."""
-    import torch.distributed as dist
-
-    _, size = _world()
-    if size == 1:
-        return [obj]
-    out: list[Any] = [None] * size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _first_process(call: Callable[[], Any]) -> Any:
     """``call()``'s result on process 0, on every process; its error raised on every one."""
     import torch.distributed as dist
 
-    rank, size = _world()
+    rank, size = world()
     if size == 1:
         return call()
     box: list[Any] = [None]
@@ -200,3 +182,11 @@ def _first_process(call: Callable[[], Any]) -> Any:
     if isinstance(box[0], Exception):
         raise box[0]
     return box[0]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FingerprintCallback":  # it subclasses transformers' TrainerCallback: imported when asked for
+        from .monitor import FingerprintCallback
+
+        return FingerprintCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
