@@ -30,10 +30,10 @@ class ScoreConfig:
         (``concentrated_tail``: lowest entropy, highest G; ``uniform_tail``: the opposite).
     measure: the strength S correlated with H (``corrpo.measures.MEASURES``): the paper's
         parameter-space ``l1_mean`` (also ``nuclear_qkvo``, ``frobenius``) or the logit-space
-        ``logit_grad`` (G, whose rho with H is near +1 by construction). None: the payload's
-        default (``logit_grad``; ``l1_mean`` for tokens payloads).
+        ``logit_grad`` (G, not the paper's measure). None: the payload's default
+        (``logit_grad``; ``l1_mean`` for tokens payloads).
     estimator: how S is obtained (``corrpo.measures.ESTIMATORS``); for stats, what produced
-        the values sent. None: ``exact`` (``subsample`` for tokens, ``top_k`` for top-k).
+        the values sent. None: ``exact`` (``local`` for tokens, ``top_k`` for top-k).
     objective: ``logit`` (the paper's) or ``logprob``, the seed of each token's backward;
         parameter-space measures only. None: ``logit`` where it applies.
     estimator_k: tokens per rollout (subsample, default 16) or directions (jvp, default 32;

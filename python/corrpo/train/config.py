@@ -70,7 +70,8 @@ class TrainConfig:
     min_tokens: int = 8
     # The per-token strength S correlated with entropy: the paper's parameter-space measure
     # (l1_mean) by an estimator of corrpo.gradients (exact | subsample | jvp | last_block | local), or
-    # logit_grad, the logit-space G whose rho with H is near +1 by construction.
+    # logit_grad, the logit-space G (not the paper's measure; its rho with H is often positive but
+    # not always: -0.26 at this trainer's initialisation, docs/fingerprint.md).
     strength: str = "local"
     objective: str = "logit"  # logit (the paper's) | logprob: the seed of each token's backward
     strength_k: int = 0  # tokens per rollout (subsample) or directions (jvp); 0: the estimator's default
