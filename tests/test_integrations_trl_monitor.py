@@ -176,7 +176,7 @@ tokenizer = AutoTokenizer.from_pretrained(model_dir)
 args = SFTConfig(output_dir=out, use_cpu=True, ddp_backend="gloo", per_device_train_batch_size=2, max_steps=2,
                  learning_rate=1e-2, report_to="none", seed=0, bf16=False, max_length=32, save_strategy="no")
 trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": train}), processing_class=tokenizer)
-cb = FingerprintCallback(trainer, texts=texts, prompts=prompts, every=1, max_new_tokens=6, n_boot=100)
+cb = FingerprintCallback(trainer, texts=texts, prompts=prompts, every=1, max_new_tokens=6, temperature=0, n_boot=100)
 trainer.add_callback(cb)
 trainer.train()
 rank = torch.distributed.get_rank()
@@ -187,7 +187,8 @@ with open(f"{out}/log-{rank}.json", "w") as f:
 
 def test_under_ddp_each_process_scores_its_share_and_all_log_the_whole(tmp_path) -> None:
     """Two CPU processes (torchrun, gloo): the step-0 statistics every process logs equal one
-    process scoring the whole probe set on the same weights; only the first writes files."""
+    process scoring the whole probe set on the same weights (greedy answers: a sampled one
+    depends on its batch); only the first writes files."""
     import json
     import os
     import shutil
@@ -199,7 +200,7 @@ def test_under_ddp_each_process_scores_its_share_and_all_log_the_whole(tmp_path)
 
     texts = TEXTS + ["one and one make two and the cat sat on the mat"]
     single = sft_trainer(tmp_path, "single", max_steps=1)
-    cb = FingerprintCallback(single, texts=texts, prompts=PROMPTS, every=1, max_new_tokens=6, n_boot=100)
+    cb = FingerprintCallback(single, texts=texts, prompts=PROMPTS, every=1, max_new_tokens=6, temperature=0, n_boot=100)
     single.add_callback(cb)
     single.train()
     want = {k: v for k, v in single.state.log_history[0].items() if k.startswith("fingerprint/") and k != "fingerprint/seconds"}

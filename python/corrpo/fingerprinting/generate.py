@@ -137,6 +137,34 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
+def _generation(model: Any, tokenizer: Any, max_new_tokens: int, temperature: float) -> tuple[list[int], int, Any]:
+    """(end-of-sequence ids, the pad id, the ``GenerationConfig``): greedy when
+    ``temperature`` is 0, else sampling from softmax(logits / temperature) (no top-k or top-p)."""
+    from transformers import GenerationConfig
+
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    sampled = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampled,
+        temperature=temperature if sampled else None,
+        top_k=0 if sampled else None,
+        top_p=1.0 if sampled else None,
+        eos_token_id=eos or None,
+        pad_token_id=pad,
+    )
+    return eos, pad, config
+
+
+def _until_eos(new: list[int], eos: list[int]) -> list[int]:
+    """The generated ids up to the first end-of-sequence token (kept)."""
+    for j, t in enumerate(new):
+        if t in eos:
+            return new[: j + 1]
+    return new
+
+
 def generate_responses(
     model: Any,
     tokenizer: Any,
@@ -155,7 +183,6 @@ def generate_responses(
     (``seed``, prompt, sample). Responses end at an end-of-sequence token (kept) or after
     ``max_new_tokens``."""
     import torch
-    from transformers import GenerationConfig
 
     if n < 1:
         raise ConfigError(f"--generate must be >= 1, got {n}")
@@ -163,18 +190,8 @@ def generate_responses(
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    eos = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    eos, _, config = _generation(model, tokenizer, max_new_tokens, temperature)
     sampled = temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampled,
-        temperature=temperature if sampled else None,
-        top_k=0 if sampled else None,
-        top_p=1.0 if sampled else None,
-        eos_token_id=eos or None,
-        pad_token_id=pad,
-    )
     device = next(model.parameters()).device
     out: list[Response] = []
     for prompt in prompts:
@@ -185,11 +202,7 @@ def generate_responses(
                 torch.manual_seed(int(np.random.SeedSequence([seed, prompt.index, k]).generate_state(1)[0]))
             with torch.no_grad():
                 y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
-            new = [int(t) for t in y[0, len(ids) :].tolist()]
-            for j, t in enumerate(new):  # a batch of one stops at EOS; be sure anyway
-                if t in eos:
-                    new = new[: j + 1]
-                    break
+            new = _until_eos([int(t) for t in y[0, len(ids) :].tolist()], eos)
             out.append(
                 Response(
                     index=len(out),
@@ -205,6 +218,54 @@ def generate_responses(
             )
             if progress is not None:
                 progress(1)
+    return out
+
+
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+    first_index: int = 0,
+) -> list[Response]:
+    """One response per prompt, all prompts in one left-padded ``generate`` call (several
+    times faster than one at a time on a CPU), the batch's sampling seeded once with
+    ``seed``: the same prompts and weights give the same answers, but a prompt's answer
+    depends on the batch it is in. Responses are numbered from ``first_index``."""
+    import torch
+
+    eos, pad, config = _generation(model, tokenizer, max_new_tokens, temperature)
+    encoded = [encode_prompt(tokenizer, p, where=f"prompts[{p.index}]") for p in prompts]
+    width = max(len(ids) for _, ids in encoded)
+    device = next(model.parameters()).device
+    x = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(x)
+    for row, (_, ids) in enumerate(encoded):
+        x[row, width - len(ids) :] = torch.tensor(ids, device=device)
+        mask[row, width - len(ids) :] = 1
+    if temperature > 0:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        y = model.generate(input_ids=x, attention_mask=mask, generation_config=config)
+    out = []
+    for row, (prompt, (text, ids)) in enumerate(zip(prompts, encoded)):
+        new = _until_eos([int(t) for t in y[row, width:].tolist()], eos)
+        out.append(
+            Response(
+                index=first_index + row,
+                prompt_index=prompt.index,
+                sample=0,
+                id=prompt.id,
+                prompt=text,
+                response=tokenizer.decode(new, skip_special_tokens=False),
+                prompt_ids=ids,
+                response_ids=new,
+                finished=bool(new) and new[-1] in eos,
+            )
+        )
     return out
 
 
@@ -276,6 +337,7 @@ __all__ = [
     "Response",
     "encode_prompt",
     "eos_ids",
+    "generate_batch",
     "generate_responses",
     "read_jsonl",
     "read_prompts",

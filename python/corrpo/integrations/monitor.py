@@ -8,8 +8,9 @@
 
 At the start of training, every ``every`` steps and at the last step it scores a fixed probe
 set on the current weights (``corrpo.gradients.token_strengths``): ``texts`` teacher-forced
-(every token after the first), ``prompts`` answered by the model itself (chat template, seeded
-sampling: the same seeds at every evaluation, so the answers change only with the weights).
+(every token after the first), ``prompts`` answered by the model itself (chat template; all of
+a process's prompts in one batch, its sampling seeded with ``seed`` at every evaluation, so the
+answers change only with the weights).
 It logs, through the trainer's own log (so the console, W&B and TensorBoard get it):
 
     fingerprint/{pooled,within,unique}/<measure>    Spearman rho(H, S) over tokens, mean over
@@ -27,8 +28,10 @@ way into W&B and TensorBoard is the trainer's ``log``.
 
 It leaves the run as it found it: train mode, gradients, and the RNG state (the sampling draws
 from a forked generator), so a run with the callback trains the same weights as one without.
-Under DDP every process scores its share of the probe set and every process logs the same
-gathered statistics (the trainer's reporters write on the main process only).
+Under DDP every process answers and scores its share of the probe set (a sampled answer depends
+on the batch it is drawn in, so on the number of processes; greedy ones do not) and every
+process logs the same gathered statistics (the trainer's reporters write on the main process
+only).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from transformers import TrainerCallback
 
 from ..errors import ConfigError
 from ..fingerprinting.analysis import VIEWS, correlations
-from ..fingerprinting.generate import Prompt, Response, encode_prompt, generate_responses
+from ..fingerprinting.generate import Prompt, Response, encode_prompt, generate_batch
 from ..fingerprinting.score import score_responses
 from .processes import gathered, world
 
@@ -185,7 +188,7 @@ class FingerprintCallback(TrainerCallback):
                 out.append(Response(i, i, 0, f"text-{i}", "", "", prompt_ids=ids[:1], response_ids=ids[1:]))
         mine = [p for p in self.prompts if p.index % size == rank]
         if mine:
-            answers = generate_responses(
+            answers = generate_batch(
                 model, self.tokenizer, mine, max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed
             )
             for r in answers:
