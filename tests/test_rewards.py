@@ -201,5 +201,5 @@ def test_score_of_statistics_near_either_float64_limit(method, rng):
         np.testing.assert_allclose(got.grad_norm_mean, want.grad_norm_mean * 2.0**k, rtol=1e-12)
         np.testing.assert_allclose(got.fingerprint.rho_pooled, want.fingerprint.rho_pooled, rtol=1e-12)
         np.testing.assert_allclose(got.fingerprint.rho_unique, want.fingerprint.rho_unique, rtol=1e-12)
-        np.testing.assert_allclose(got.fingerprint.grad_norm_mean, want.fingerprint.grad_norm_mean * 2.0**k, rtol=1e-12)
+        np.testing.assert_allclose(got.fingerprint.strength_mean, want.fingerprint.strength_mean * 2.0**k, rtol=1e-12)
         np.testing.assert_array_equal(got.advantages, want.advantages)

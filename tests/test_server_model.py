@@ -115,7 +115,7 @@ def assert_same(got: corrpo.Scores, want: corrpo.Scores) -> None:
         if b is None:
             assert a is None
             continue
-        for name in ("rho_pooled", "rho_unique", "rho_rollout_mean", "entropy_mean", "grad_norm_mean"):
+        for name in ("rho_pooled", "rho_unique", "rho_rollout_mean", "entropy_mean", "strength_mean"):
             x, y = getattr(a, name), getattr(b, name)
             assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6), name
     assert got.config == want.config
@@ -239,7 +239,7 @@ def test_reload_under_load_loses_nothing_and_versions_are_enforced(models, tmp_p
             def load() -> list[corrpo.Scores]:
                 answers = []
                 while not done.is_set():
-                    answers.append(c.score(prompt_ids=prompts, token_ids=responses, estimator="exact"))
+                    answers.append(c.score(prompt_ids=prompts, token_ids=responses, group_sizes=4, estimator="exact"))
                 return answers
 
             with ThreadPoolExecutor(3) as pool:
@@ -265,9 +265,9 @@ def test_reload_under_load_loses_nothing_and_versions_are_enforced(models, tmp_p
             # Health: NOT_SERVING while the weights loaded, SERVING after.
             assert "NOT_SERVING" in statuses and statuses[-1] == "SERVING", statuses
             # The version a request names must be the one the server holds.
-            assert_same(c.score(prompt_ids=prompts, token_ids=responses, estimator="exact", weights_version="v2"), want["v2"])
+            assert_same(c.score(prompt_ids=prompts, token_ids=responses, group_sizes=4, estimator="exact", weights_version="v2"), want["v2"])
             with pytest.raises(grpc.RpcError) as info:
-                c.score(prompt_ids=prompts, token_ids=responses, weights_version="initial")
+                c.score(prompt_ids=prompts, token_ids=responses, group_sizes=4, weights_version="initial")
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "'initial'" in info.value.details() and "'v2'" in info.value.details()
             # A failed reload keeps the weights that serve.
@@ -276,5 +276,5 @@ def test_reload_under_load_loses_nothing_and_versions_are_enforced(models, tmp_p
                     c.reload_weights(str(path), "v3")
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert expected in info.value.details()
-            assert c.score(prompt_ids=prompts, token_ids=responses).weights_version == "v2"
+            assert c.score(prompt_ids=prompts, token_ids=responses, group_sizes=4).weights_version == "v2"
             assert c.health() == "SERVING"

@@ -273,7 +273,7 @@ def test_auth_token(tmp_path, pki):
                 for send in ("stats", "logits"):
                     with pytest.raises(grpc.RpcError) as info:
                         r = make_rollouts(np.random.default_rng(0), [2], vocab=VOCAB)
-                        client.score(logits=r.logits, token_ids=r.token_ids, send=send)
+                        client.score(logits=r.logits, token_ids=r.token_ids, group_sizes=2, send=send)
                     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
                     assert reason in info.value.details()
                 # Health checks need no token (load balancers and orchestrators probe them).

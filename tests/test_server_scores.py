@@ -46,7 +46,7 @@ def assert_scores(scores: corrpo.Scores, stats, rc, out, fp, lengths, rtol=0.0):
         np.testing.assert_allclose(scores.entropy_mean[i], stats.entropy[end - n : end].astype(np.float64).mean(), rtol=1e-6)
         np.testing.assert_allclose(scores.grad_norm_mean[i], stats.grad_norm[end - n : end].astype(np.float64).mean(), rtol=1e-6)
     got = scores.fingerprint
-    for name in ("rho_pooled", "rho_unique", "rho_rollout_mean", "entropy_mean", "grad_norm_mean"):
+    for name in ("rho_pooled", "rho_unique", "rho_rollout_mean", "entropy_mean", "strength_mean"):
         assert math.isclose(getattr(got, name), getattr(fp, name), rel_tol=1e-9, abs_tol=rtol), name
     assert (got.n_tokens, got.n_unique_tokens, got.n_rollouts, got.n_rollouts_defined) == (
         fp.n_tokens,
@@ -89,7 +89,7 @@ def test_half_precision_logits_stream(client, rng, dtype):
 def test_temperature_applies_to_logits(client, rng):
     r = make_rollouts(rng, [4])
     for send in ("stats", "logits"):
-        scores = client.score(logits=r.logits, token_ids=r.token_ids, rewards=r.rewards, temperature=0.7, send=send)
+        scores = client.score(logits=r.logits, token_ids=r.token_ids, rewards=r.rewards, group_sizes=4, temperature=0.7, send=send)
         assert_scores(scores, *in_process(r.logits, r.token_ids, r.rewards, [4], temperature=0.7), r.lengths)
 
 
@@ -154,7 +154,7 @@ def test_client_reduces_device_tensors_where_they_are(client, rng):
     r = make_rollouts(rng, [2, 2])
     off_host = [torch.empty((len(i), 512), device="meta") for i in r.token_ids]
     with pytest.raises(corrpo.ConfigError, match="send='logits' streams host memory"):
-        client.score(logits=off_host, token_ids=r.token_ids, send="logits")
+        client.score(logits=off_host, token_ids=r.token_ids, group_sizes=2, send="logits")
     if torch.cuda.is_available():
         logits = [torch.from_numpy(x).cuda() for x in r.logits]
         ids = [torch.from_numpy(i).cuda() for i in r.token_ids]
@@ -255,11 +255,11 @@ def test_64_mib_stream_in_4_mib_blocks_matches_and_memory_stays_bounded(rng):
             return scores, _peak_rss_mib(server.process.pid) - before
 
         # Warm the server's allocator with a small stream first.
-        client.score(logits=[x[:8] for x in rollout_logits], token_ids=[i[:8] for i in rollout_ids], send="logits")
+        client.score(logits=[x[:8] for x in rollout_logits], token_ids=[i[:8] for i in rollout_ids], group_sizes=2, send="logits")
         scores, growth = peak_growth(logits=rollout_logits, token_ids=rollout_ids, rewards=rewards, group_sizes=[2, 2])
         last = [e for e in server.events() if e.get("event") == "request"][-1]
         # Four times the logits: the server's memory must not grow with the stream.
-        _, growth_4x = peak_growth(logits=[logits] * 4, token_ids=[ids] * 4)
+        _, growth_4x = peak_growth(logits=[logits] * 4, token_ids=[ids] * 4, group_sizes=4)
     assert last["status"] == "OK" and last["tokens"] == rows
     assert_scores(scores, *in_process(rollout_logits, rollout_ids, rewards, [2, 2]), lengths)
     assert growth < 48, f"server peak RSS grew by {growth:.1f} MiB during a 64 MiB stream"

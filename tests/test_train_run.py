@@ -3,6 +3,7 @@ determinism, a kill and resume, and a two-rank DDP run under torchrun (gloo)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -117,6 +118,28 @@ def test_same_seed_same_metrics(reference_run: Path, server, tmp_path: Path) -> 
     train(tmp_path / "other", "--server", server.target, "--seed", "1", "--rl-steps", "1")
     first = read_metrics(tmp_path / "other" / "metrics.jsonl")[0]
     assert first["loss"] != read_metrics(reference_run / "metrics.jsonl")[0]["loss"]
+
+
+def test_deterministic_runs_repeat_bit_for_bit(server, tmp_path: Path) -> None:
+    """--deterministic with threads = 0: torch's deterministic algorithms and one thread per
+    pool (not torch's default of one per core), and two runs give the same metrics, value for
+    value, and the same per-token H, S and G, bit for bit."""
+    short = ["--sft-steps", "12", "--rl-steps", "4", "--eval-every", "6", "--server", server.target]
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for out in runs:
+        train(out, *short, "--threads", "0", "--deterministic")
+    first, second = (json.loads((out / "summary.json").read_text()) for out in runs)
+    assert first["runtime"] == second["runtime"] == {"torch_threads": 1, "deterministic_algorithms": True}
+    assert first["config"]["deterministic"] is True
+    a, b = (read_metrics(out / "metrics.jsonl") for out in runs)
+    assert len(a) == 16 and steady(a) == steady(b)
+    names = sorted(p.name for p in (runs[0] / "strengths").iterdir())
+    assert names == sorted(p.name for p in (runs[1] / "strengths").iterdir()) == ["rl-00004.npz", "sft-00006.npz", "sft-00012.npz"]
+    for name in names:
+        with np.load(runs[0] / "strengths" / name) as x, np.load(runs[1] / "strengths" / name) as y:
+            assert sorted(x.files) == sorted(y.files)
+            for key in x.files:
+                assert x[key].tobytes() == y[key].tobytes(), (name, key)
 
 
 def test_killed_run_resumes_where_it_stopped(reference_run: Path, tmp_path: Path) -> None:
@@ -259,6 +282,22 @@ def test_plot_gives_each_phase_its_own_axis_and_keeps_legends_off_the_curves(ref
     assert held.get_xdata()[0] == 0 and held.get_ydata()[0] == [r for r in records if r["phase"] == "sft"][-1]["eval_accuracy"]
 
 
+def test_the_run_table_fits_80_columns(reference_run: Path) -> None:
+    """Every figure of the run's table on one line with its value, in an 80-column log."""
+    from rich.console import Console
+
+    from corrpo.train import report
+
+    summary = json.loads((reference_run / "summary.json").read_text())
+    console = Console(width=80, file=io.StringIO())
+    console.print(report.summary_table(summary, "corrpo-train: corrpo, seed 0"))
+    lines = console.file.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80
+    for label, key in report.SUMMARY_ROWS:
+        value = "-" if summary[key] is None else f"{summary[key]:.3f}"
+        assert sum(label in line and line.rstrip(" │").endswith(" " + value) for line in lines) == 1, (label, value)
+
+
 def test_reading_says_what_rho_came_to_against_the_papers_sign(reference_run: Path) -> None:
     from corrpo.train import report
 
@@ -313,6 +352,8 @@ def test_study_compares_arms_from_one_sft_model_per_seed(server, tmp_path: Path)
         env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Its progress, in a pipe: whole lines, the last (2 seeds x (12 SFT + 3 arms x 3 RL steps)) once.
+    assert "\r" not in done.stderr and done.stderr.count("corrpo-train study: step 42/42 (100%)") == 1, done.stderr[-3000:]
     study = json.loads((root / "study.json").read_text())
     assert [r["arm"] for r in study["results"]] == ["corrpo", "gated", "grpo"]
     assert all(r["seeds"] == [0, 1] for r in study["results"])
@@ -333,6 +374,17 @@ def test_study_compares_arms_from_one_sft_model_per_seed(server, tmp_path: Path)
         assert corrpo["reward_reg_mean"] != corrpo["reward_mean"]
     assert (root / "study.png").stat().st_size > 10_000
     assert "| grpo |" in (root / "results.md").read_text()
+    # Its console table in 80 columns (as a log gets it): every mean ± std whole on one line.
+    from rich.console import Console
+
+    from corrpo.train import report
+
+    console = Console(width=80, file=io.StringIO())
+    console.print(report.study_console_table(study["results"]))
+    text = console.file.getvalue()
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    for r in study["results"]:
+        assert f"{r['held_out_final_mean']:.3f} ± {r['held_out_final_std']:.3f}" in text
     # Each arm against GRPO, paired by seed, in the words under the table.
     rows = {r["arm"]: r for r in study["results"]}
     printed = " ".join(done.stdout.split())

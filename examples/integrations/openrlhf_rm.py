@@ -9,8 +9,8 @@ Prints each rollout's verifier reward r, rho(H, S) and ``r - coef * rho``, the a
 OpenRLHF's ``group_norm`` estimator then forms, and checks that the ``reward_func`` file
 form gives the same answers.
 
-    .venv/bin/python examples/integrations/openrlhf_rm.py   (after `make test`, or
-        pip install 'corrpo[gradients,grpc]' fastapi uvicorn ./server)
+    .venv/bin/python examples/integrations/openrlhf_rm.py   (after `make test`, or in the corrpo
+        checkout: pip install '.[gradients,grpc]' fastapi uvicorn ./server)
 
 (Named ``openrlhf_rm.py``, not ``openrlhf.py``, so that it never shadows the openrlhf package.)
 """

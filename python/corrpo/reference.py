@@ -141,7 +141,7 @@ def fingerprint(
         "n_rollouts_defined": None,
         "rho_rollout_mean": None,
         "entropy_mean": float(h.mean()) if len(h) else float("nan"),
-        "grad_norm_mean": float(g.mean()) if len(g) else float("nan"),
+        "strength_mean": float(g.mean()) if len(g) else float("nan"),
     }
     if token_ids is not None:
         ids = np.asarray(token_ids, dtype=np.int64)

@@ -33,12 +33,12 @@ def dtype_name(dtype: int) -> str:
 
 
 def element(dtype: int) -> np.dtype:
-    """The NumPy dtype of a wire dtype; bfloat16 needs ml_dtypes (``pip install corrpo[bf16]``)."""
+    """The NumPy dtype of a wire dtype; bfloat16 needs ml_dtypes (``pip install '.[bf16]' in the corrpo checkout``)."""
     if dtype == tensor_pb2.DTYPE_BFLOAT16:
         try:
             import ml_dtypes
         except ImportError:
-            raise ConfigError("bfloat16 tensors need ml_dtypes: pip install 'corrpo[bf16]'") from None
+            raise ConfigError("bfloat16 tensors need ml_dtypes: pip install '.[bf16]' in the corrpo checkout") from None
         return np.dtype(ml_dtypes.bfloat16)
     return _LITTLE_ENDIAN[dtype]
 
@@ -104,6 +104,9 @@ def decode(tensor: tensor_pb2.Tensor, path: str, dtypes: tuple[int, ...], rank: 
     """The array a Tensor holds (a read-only view of its bytes), after checking its dtype
     against ``dtypes``, its rank, its dimensions and its byte count. Errors name the field
     ``path``."""
+    if tensor.dtype == tensor_pb2.DTYPE_UNSPECIFIED and not tensor.shape and not tensor.data:
+        # What an unset message field reads as: say so rather than blame its dtype.
+        raise ConfigError(f"{path} must be set: the request leaves it out", field=path)
     if tensor.dtype not in dtypes:
         allowed = " or ".join(dtype_name(d) for d in dtypes)
         raise ConfigError(f"{path}.dtype must be {allowed}, got {dtype_name(tensor.dtype)}", field=path)
@@ -202,7 +205,7 @@ def _fingerprint_to_proto(fp: Fingerprint) -> pb.Fingerprint:
         num_rollouts_defined=fp.n_rollouts_defined or 0,
         entropy_mean=fp.entropy_mean,
         entropy_mean_bits=fp.entropy_mean_bits,
-        grad_norm_mean=fp.grad_norm_mean,
+        grad_norm_mean=fp.strength_mean,
     )
     if fp.rho_unique is not None:
         message.rho_unique = fp.rho_unique
@@ -225,7 +228,7 @@ def _fingerprint_from_proto(message: pb.Fingerprint, method: str) -> Fingerprint
         n_rollouts_defined=message.num_rollouts_defined,
         rho_rollout_mean=message.rho_rollout_mean,
         entropy_mean=message.entropy_mean,
-        grad_norm_mean=message.grad_norm_mean,
+        strength_mean=message.grad_norm_mean,
     )
 
 

@@ -52,6 +52,8 @@ class Options:
     port_file: Path | None = None
     parent_pid: int | None = None
     model: str | None = None
+    #: Requests that may wait for the model while it scores another; more are refused.
+    max_queued: int = 8
     device: str = "auto"
     dtype: str = "float32"
     weights_version: str = "initial"
@@ -159,6 +161,10 @@ def _check_limits(options: Options) -> None:
         raise StartupError(f"--max-streams-per-peer must be >= 0 (0: no limit), got {options.max_streams_per_peer}")
     if not options.stream_idle_timeout_s > 0:
         raise StartupError(f"--stream-idle-timeout must be > 0 seconds, got {options.stream_idle_timeout_s}")
+    if options.max_queued < 0:
+        raise StartupError(
+            f"--max-queued must be >= 0 (0: a request that finds the model busy is refused), got {options.max_queued}"
+        )
     if not 1 <= options.max_tokens <= wire.MAX_SIZE:
         raise StartupError(f"--max-tokens must be in [1, {wire.MAX_SIZE}], got {options.max_tokens}")
     if not 1 <= options.max_message_bytes < 1 << 31:
@@ -264,6 +270,7 @@ def serve(options: Options) -> int:
                 device=options.device,
                 dtype=options.dtype,
                 version=options.weights_version,
+                max_queued=options.max_queued,
                 on_loading=lambda loading: set_health(not loading),
             )
         except ModelLoadError as err:
@@ -290,6 +297,7 @@ def serve(options: Options) -> int:
         stream_idle_timeout_s=options.stream_idle_timeout_s,
         version=corrpo.__version__,
         model=options.model,
+        max_queued=options.max_queued if options.model is not None else None,
         weights_version=service.model.version if service.model else None,
     )
     while not stop.wait(0.5):

@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"), help="where the model runs")
     model.add_argument("--dtype", default=defaults.dtype, choices=("float32", "bfloat16", "float16"), help="the model's dtype")
     model.add_argument(
+        "--max-queued",
+        type=int,
+        default=defaults.max_queued,
+        help="requests that may wait for the model while it scores another (it scores one at a time); one more is "
+        "refused at once with RESOURCE_EXHAUSTED rather than left to wait past its client's timeout",
+    )
+    model.add_argument(
         "--weights-version", default=defaults.weights_version, help="the name of the weights --model loads (ReloadWeights names later ones)"
     )
     run.add_argument("--log-level", default=os.environ.get("CORRPO_LOG_LEVEL", "info"), help="debug, info, warning")
@@ -118,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         port_file=args.port_file,
         parent_pid=args.parent_pid,
         model=args.model,
+        max_queued=args.max_queued,
         device=args.device,
         dtype=args.dtype,
         weights_version=args.weights_version,

@@ -2,9 +2,15 @@
 ``corrpo.gradients`` and swaps in new weights between requests (``ReloadWeights``).
 
 One request uses the model at a time: ``token_strengths`` hooks the model's layers, and
-the per-token backward passes already use every core torch is given. A reload loads the
-new weights beside the old ones (twice the model's memory for the length of the load),
-then swaps them under the same lock, so a request is scored entirely by one version.
+the per-token backward passes already use every core torch is given. At most
+``max_queued`` more wait for it (``--max-queued``); one past them is refused with
+RESOURCE_EXHAUSTED at once, not after a wait its client would time out in. A request
+checks that its client is still there at every decoder block of every forward and
+backward pass, so one whose client has gone (or whose deadline has passed) stops within
+one block's work, even inside the exact estimator's long batched backward. A reload loads
+the new weights beside the old ones (twice the model's memory for the length of the
+load), then swaps them under the same lock, so a request is scored entirely by one
+version.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import importlib.util
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +31,7 @@ import corrpo
 from corrpo.scoring import ScoreConfig
 
 from .batch import ScoredTokens
-from .failure import Failure, checked_name, invalid
+from .failure import Failure, checked_name, invalid, too_large
 from .observe import event
 
 
@@ -38,6 +45,7 @@ class _Loaded:
     version: str
     vocab_size: int
     architecture: str
+    blocks: tuple[Any, ...]
 
 
 def _load(path: str, device: str, dtype: str, version: str) -> _Loaded:
@@ -47,12 +55,37 @@ def _load(path: str, device: str, dtype: str, version: str) -> _Loaded:
 
     try:
         loaded = load_model(path, device=device, dtype=dtype)
-        describe(loaded.model)  # refuse a model corrpo.gradients cannot score now, not per request
+        blocks = describe(loaded.model).blocks  # refuse a model corrpo.gradients cannot score now, not per request
     except (corrpo.ConfigError, ArchitectureError) as err:
         raise ModelLoadError(str(err)) from None
     loaded.model.requires_grad_(False)
     vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
-    return _Loaded(loaded.model, version, vocab, type(loaded.model).__name__)
+    return _Loaded(loaded.model, version, vocab, type(loaded.model).__name__, blocks)
+
+
+@contextmanager
+def _checked_per_block(blocks: tuple[Any, ...], alive: Callable[[], None]) -> Iterator[None]:
+    """While the ``with`` block runs, calls ``alive`` as each decoder block runs forward and
+    as the backward pass reaches each block's output. ``alive`` raising there ends the pass:
+    torch hands the exception on out of the forward or ``autograd.grad``. Between chunks
+    alone would not do: one chunk of the exact estimator is one batched backward of up to
+    64 tokens, tens of seconds for SmolLM2-135M on a 2-core CPU (64 tokens took 138 s)."""
+
+    def backward(_grad: Any) -> None:
+        alive()
+
+    def forward(_module: Any, _args: Any, output: Any) -> None:
+        alive()
+        hidden = output[0] if isinstance(output, tuple) else output
+        if getattr(hidden, "requires_grad", False):  # a pass under no_grad has no backward to check
+            hidden.register_hook(backward)
+
+    hooks = [block.register_forward_hook(forward) for block in blocks]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def check_version(version: str, path: str) -> str:
@@ -64,10 +97,12 @@ class PolicyModel:
 
     on_loading(True/False) is called around every reload (health goes NOT_SERVING)."""
 
-    def __init__(self, path: str, *, device: str, dtype: str, version: str, on_loading: Callable[[bool], None]) -> None:
+    def __init__(
+        self, path: str, *, device: str, dtype: str, version: str, max_queued: int, on_loading: Callable[[bool], None]
+    ) -> None:
         missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
         if missing:
-            raise ModelLoadError(f"model-backed scoring needs {' and '.join(missing)}: pip install 'corrpo[gradients]'")
+            raise ModelLoadError(f"model-backed scoring needs {' and '.join(missing)}: pip install '.[gradients]' in the corrpo checkout")
         from corrpo.models import resolve_device
 
         try:
@@ -75,8 +110,11 @@ class PolicyModel:
         except corrpo.ConfigError as err:
             raise ModelLoadError(str(err)) from None
         self.dtype = dtype
+        self.max_queued = max_queued
         self._on_loading = on_loading
         self._use = threading.Lock()  # one request (or the swap) at a time
+        self._queue = threading.Lock()  # guards _waiting
+        self._waiting = 0  # requests waiting for _use
         self._reload = threading.Lock()  # one load at a time
         started = time.perf_counter()
         self._current = _load(path, self.device, dtype, version)
@@ -123,6 +161,31 @@ class PolicyModel:
             event("weights_reloaded", path=path, weights_version=version, seconds=round(seconds, 3))
             return seconds
 
+    @contextmanager
+    def _turn(self, alive: Callable[[], None]) -> Iterator[None]:
+        """Holds the model for one request: at once when it is free, else after waiting in
+        line while the client is still there (``alive`` raises once it has gone); a request
+        that finds ``max_queued`` others waiting is refused with RESOURCE_EXHAUSTED."""
+        if not self._use.acquire(blocking=False):
+            with self._queue:
+                if self._waiting >= self.max_queued:
+                    raise too_large(
+                        f"{self._waiting} requests are already waiting for the model, the server's bound "
+                        f"(--max-queued {self.max_queued}); the model scores one request at a time: retry "
+                        f"with backoff, send fewer requests at once, or score on more server replicas"
+                    )
+                self._waiting += 1
+            try:
+                while not self._use.acquire(timeout=0.05):
+                    alive()
+            finally:
+                with self._queue:
+                    self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._use.release()
+
     def score(
         self,
         rollouts: list[tuple[np.ndarray, np.ndarray]],
@@ -135,7 +198,7 @@ class PolicyModel:
         subsample estimator), in rollout order."""
         from corrpo.gradients import measured_strengths
 
-        with self._use:
+        with self._turn(alive):
             current = self._current
             if expected_version is not None and expected_version != current.version:
                 raise Failure(
@@ -150,17 +213,17 @@ class PolicyModel:
                         raise invalid(
                             f"{path}.tokens.{name}[{bad[0]}] is {ids[bad[0]]}, outside the model's vocabulary of {current.vocab_size}"
                         )
-            out = measured_strengths(
-                current.model,
-                [p for p, _ in rollouts],
-                [r for _, r in rollouts],
-                measure=config.measure,
-                estimator=config.estimator,
-                objective=config.objective,
-                k=config.estimator_k,
-                seed=config.estimator_seed,
-                progress=lambda _n: alive(),
-            )
+            with _checked_per_block(current.blocks, alive):
+                out = measured_strengths(
+                    current.model,
+                    [p for p, _ in rollouts],
+                    [r for _, r in rollouts],
+                    measure=config.measure,
+                    estimator=config.estimator,
+                    objective=config.objective,
+                    k=config.estimator_k,
+                    seed=config.estimator_seed,
+                )
         return ScoredTokens(
             entropy=out.entropy_bits * math.log(2),
             strength=out.measure(config.measure),

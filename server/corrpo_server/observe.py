@@ -3,14 +3,17 @@ and the gRPC status every request ends with (never UNKNOWN, never a stack trace)
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import TextIO
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -35,12 +38,60 @@ class _JsonLines(logging.Formatter):
         return json.dumps(line)
 
 
+class _StderrAsLog(io.TextIOBase):
+    """The process's ``sys.stderr`` while it serves: what libraries write there (tqdm's bars
+    while a GGUF model is dequantized, warnings, transformers' log) becomes ``stderr`` log
+    lines, one per line of text, so that the server's stderr stays JSON lines. A progress
+    bar redraws itself after a carriage return; only what a terminal would show last is
+    kept, so a finished bar is one line and a running one never grows the buffer."""
+
+    def __init__(self, real: TextIO) -> None:
+        super().__init__()
+        self.real = real
+        self._pending = ""
+        self._lock = threading.Lock()
+        self._inside = threading.local()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        # For what writes below Python (faulthandler, native code): the real stderr.
+        return self.real.fileno()
+
+    def write(self, text: str) -> int:
+        if getattr(self._inside, "yes", False):
+            # The log handler itself failed and is reporting it: a line to stderr as it is.
+            return self.real.write(text)
+        with self._lock:
+            *lines, rest = (self._pending + text).split("\n")
+            self._pending = _shown(rest)
+        self._inside.yes = True
+        try:
+            for line in lines:
+                shown = _shown(line).strip()
+                if shown:
+                    event("stderr", text=shown)
+        finally:
+            self._inside.yes = False
+        return len(text)
+
+
+def _shown(line: str) -> str:
+    """What a terminal shows of a line that carriage returns redraw: the text after the last
+    one (a line ending in CR LF is whole)."""
+    return line.rstrip("\r").rsplit("\r", 1)[-1]
+
+
 def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """The server's log: JSON lines on stderr, and only those (``_StderrAsLog``)."""
+    real = sys.stderr.real if isinstance(sys.stderr, _StderrAsLog) else sys.stderr
+    handler = logging.StreamHandler(real)
     handler.setFormatter(_JsonLines())
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
+    sys.stderr = _StderrAsLog(real)
 
 
 def event(name: str, level: int = logging.INFO, **fields: object) -> None:
@@ -71,7 +122,9 @@ class Metrics:
 
 @dataclass
 class Record:
-    """One request's log line."""
+    """One request's log line. ``rollouts`` and ``tokens``: those scored; for a tokens payload,
+    set as the model is handed the work (its response tokens), so that a call that ends
+    early, past its deadline say, still says how much it was asked to do."""
 
     rpc: str
     peer: str

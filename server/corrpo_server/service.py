@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from corrpo import wire
+from corrpo.scoring import ScoreConfig
 from corrpo.v1 import reward_service_pb2 as pb
 
 from .admission import PENDING, Admission, IdleLimited
-from .batch import Limits, LogitsStream, Reducer, from_score_request
+from .batch import Limits, LogitsStream, Reducer, ScoredTokens, TokenScorer, from_score_request
 from .failure import Failure, checked_name, invalid
 from .model import PolicyModel, check_version
 from .observe import Metrics, Record, alive_check, observed, settled
@@ -74,6 +75,20 @@ def _loading(*_args: object, **_kwargs: object) -> None:
     raise Failure(grpc.StatusCode.UNAVAILABLE, "the model is still loading: health says SERVING once it is ready")
 
 
+def _counted(model: PolicyModel, record: Record, expected_version: str | None) -> TokenScorer:
+    """``model.score`` that first puts the rollouts and response tokens it is given in the
+    request's log line, so that the line counts them however the call ends: model-backed
+    work can run for minutes and end past its deadline."""
+
+    def score_tokens(
+        rollouts: list[tuple[np.ndarray, np.ndarray]], config: ScoreConfig, paths: list[str], alive: Callable[[], None]
+    ) -> ScoredTokens:
+        record.rollouts, record.tokens = len(rollouts), sum(len(response) for _, response in rollouts)
+        return model.score(rollouts, config, paths, alive, expected_version=expected_version)
+
+    return score_tokens
+
+
 class RewardService:
     """``model``: the policy of a model-backed server, set once it has loaded;
     ``model_expected``: the server was started with --model (tokens wait for it);
@@ -133,7 +148,7 @@ class RewardService:
         score_tokens = _loading if self.model_expected else None
         if self.model is not None:
             expected = check_version(request.weights_version, "weights_version") if request.HasField("weights_version") else None
-            score_tokens = functools.partial(self.model.score, expected_version=expected)
+            score_tokens = _counted(self.model, record, expected)
         batch = from_score_request(request, config, self.limits, self.reduce, alive_check(context), score_tokens)
         record.rollouts, record.tokens = len(batch.lengths), len(batch.entropy)
         backend = self.model.backend if batch.weights_version is not None and self.model else self.backend

@@ -94,7 +94,7 @@ def check_score(h: np.ndarray, g: np.ndarray, ids: np.ndarray, rewards: np.ndarr
         np.testing.assert_allclose(got.advantages, out["advantages"], rtol=1e-9, atol=1e-9)
         np.testing.assert_array_equal(got.regularized, out["applied"])
         fp = reference.fingerprint(h, g, ids, LENGTHS, method=config.method, min_tokens=config.min_tokens)
-        for name in ("rho_pooled", "rho_unique", "rho_rollout_mean", "entropy_mean", "grad_norm_mean"):
+        for name in ("rho_pooled", "rho_unique", "rho_rollout_mean", "entropy_mean", "strength_mean"):
             np.testing.assert_allclose(getattr(got.fingerprint, name), fp[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 

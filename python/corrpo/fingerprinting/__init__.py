@@ -9,7 +9,7 @@ file or an installed model package), ``generate.generate_responses`` / ``generat
 ``score.score_responses`` (``corrpo.gradients.token_strengths`` per response),
 ``analysis.analyze`` (correlations with bootstrap CIs over responses) and ``plots``.
 
-Needs torch and transformers (``pip install 'corrpo[gradients]'``).
+Needs torch and transformers (``pip install '.[gradients]' in the corrpo checkout``).
 """
 
 from __future__ import annotations

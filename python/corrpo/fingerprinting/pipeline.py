@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..models import Loaded, describe, load_model
+from ..progress import Progress, is_terminal
 from . import analysis, plots
 from .generate import Response, generate_responses, read_prompts, read_responses, write_responses
 from .score import Scored, count_scored, score_responses
@@ -46,10 +47,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _progress_bar(total: int, desc: str, unit: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+def _progress_bar(total: int, desc: str, unit: str, enabled: bool) -> Progress:
+    # A bar on a terminal; in a log, a line a minute.
+    return Progress(total, desc=desc, unit=unit, enabled=enabled, smoothing=0.1)
 
 
 def write_tokens_csv(path: Path, scored: Scored, tokenizer: Any, *, per_block_columns: bool = False) -> Path:
@@ -168,7 +168,9 @@ def run(
     prompt_list = read_prompts(prompts) if prompts is not None else None
     if responses is not None and not Path(responses).is_file():
         raise ConfigError(f"responses file {str(responses)!r} does not exist")
-    loaded = model if isinstance(model, Loaded) else load_model(model, device=device, dtype=dtype, random_init=random_init, seed=seed, progress=progress)
+    # transformers' loading bars are tqdm's: in a log, carriage-return records.
+    loading_bars = progress and is_terminal(sys.stderr)
+    loaded = model if isinstance(model, Loaded) else load_model(model, device=device, dtype=dtype, random_init=random_init, seed=seed, progress=loading_bars)
     # Prompts are encoded, responses and tokens.csv decoded: text both ways.
     tokenizer = loaded.require_tokenizer("corrpo fingerprint (it encodes prompts and decodes responses and tokens.csv)")
     outdir.mkdir(parents=True, exist_ok=True)
@@ -285,50 +287,65 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def _cell(view: dict[str, Any] | None, extra: str | None = None) -> str:
+def _cell(view: dict[str, Any] | None, extra: str | None = None, *, two_lines: bool = False) -> str:
+    """``rho [lo,hi] (n)`` (Markdown), or ``rho (n)`` above ``[lo,hi]`` (``two_lines``: a
+    console table, whose columns then fit 80 characters without breaking a CI)."""
     if not view or view.get("rho") is None:
         return "n/a"
-    text = f"{view['rho']:+.3f}"
-    ci = view.get("ci")
-    if ci:
-        text += f" [{ci[0]:+.2f},{ci[1]:+.2f}]"
-    if extra and view.get(extra) is not None:
-        text += f" ({view[extra]})"
-    return text
+    rho = f"{view['rho']:+.3f}"
+    n = f" ({view[extra]})" if extra and view.get(extra) is not None else ""
+    ci = f"[{view['ci'][0]:+.2f},{view['ci'][1]:+.2f}]" if view.get("ci") else ""
+    if two_lines:
+        return rho + n + (f"\n{ci}" if ci else "")
+    return rho + (f" {ci}" if ci else "") + n
 
 
-def print_summary(summary: dict[str, Any], outdir: Path | None = None) -> None:
-    """The rich table of the end of a run."""
-    from rich.console import Console
+def _ci_column(table: Any, header: str) -> None:
+    # no_wrap: a CI is read whole or not at all.
+    table.add_column(header, no_wrap=True)
+
+
+def summary_table(summary: dict[str, Any]) -> Any:
+    """The rich table of the end of a run: per measure, Spearman pooled, within responses
+    and over unique token ids, each with its CI, and Pearson pooled."""
     from rich.table import Table
 
     stats = summary["statistics"]
-    ref = stats["proxies"]["reference"]
     s = summary["settings"]
     table = Table(
         title=f"{summary['label']}: rho(H, strength), {s['objective']} objective, {s['estimator']} estimator, "
         f"{summary['n_tokens']} tokens / {summary['n_responses']} responses",
         title_style="bold",
+        caption="Spearman [95% CI over responses]; n: responses with a rho, unique token ids",
     )
     table.add_column("measure", no_wrap=True)
-    table.add_column("Spearman pooled [95% CI]", overflow="fold")
-    table.add_column("Pearson", overflow="fold")
-    table.add_column("within (n)", overflow="fold")
-    table.add_column("unique ids (n)", overflow="fold")
-    table.add_column(f"vs {ref}" if ref else "vs reference", overflow="fold")
+    _ci_column(table, "pooled")
+    table.add_column("Pearson", no_wrap=True)
+    _ci_column(table, "within (n)")
+    _ci_column(table, "unique ids (n)")
     for m, st in stats["measures"].items():
         sp = st["spearman"]
-        vs = stats["proxies"]["spearman_vs_reference"].get(m)
         table.add_row(
             m,
-            _cell(sp["pooled"]),
+            _cell(sp["pooled"], two_lines=True),
             _cell({"rho": st["pearson"]["pooled"]["rho"]}),
-            _cell(sp["within"], "n_defined"),
-            _cell(sp["unique"], "n_ids"),
-            "-" if m == ref or vs is None else f"{vs:+.3f}",
+            _cell(sp["within"], "n_defined", two_lines=True),
+            _cell(sp["unique"], "n_ids", two_lines=True),
         )
-    console = Console()
-    console.print(table)
+    return table
+
+
+def print_summary(summary: dict[str, Any], outdir: Path | None = None, console: Any = None) -> None:
+    """``summary_table``, how each measure ranks tokens against the reference, and the time."""
+    from rich.console import Console
+
+    console = console or Console()
+    stats = summary["statistics"]
+    console.print(summary_table(summary))
+    ref = stats["proxies"]["reference"]
+    versus = [f"{m} {v:+.3f}" for m, v in stats["proxies"]["spearman_vs_reference"].items() if m != ref and v is not None]
+    if ref and versus:
+        console.print(f"per token, Spearman with {ref}: {', '.join(versus)}")
     if stats["bootstrap"].get("note"):
         console.print(f"note: {stats['bootstrap']['note']}")
     t = summary["timing"]
@@ -373,21 +390,37 @@ def compare(dirs: list[str | Path], out: str | Path, *, print_table: bool = True
     md.write_text(compare_markdown(runs))
     if print_table:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title="Spearman rho(H, strength) [95% CI over responses]", title_style="bold")
-        table.add_column("run", overflow="fold")
-        table.add_column("measure", no_wrap=True)
-        for name in ("pooled", "within (n)", "unique ids (n)"):
-            table.add_column(name, overflow="fold")
-        for r in runs:
-            for m, v in r["summary"]["statistics"]["measures"].items():
-                sp = v["spearman"]
-                table.add_row(r["label"], m, _cell(sp["pooled"]), _cell(sp["within"], "n_defined"), _cell(sp["unique"], "n_ids"))
         console = Console()
-        console.print(table)
+        console.print(compare_table(runs))
         console.print(f"wrote {png} and {md}")
     return {"png": str(png), "md": str(md)}
+
+
+def compare_table(runs: list[dict[str, Any]]) -> Any:
+    """What ``compare`` prints: per run (one table each, titled by its label, so that a long
+    label takes no width from the CIs) and measure, Spearman pooled, within responses and over
+    unique token ids, each with its CI."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    tables = []
+    for r in runs:
+        table = Table(title=r["label"], title_justify="left", title_style="bold")
+        table.add_column("measure", no_wrap=True, min_width=len("head_logit_grad"))  # the same width in every table
+        for name in ("pooled", "within (n)", "unique ids (n)"):
+            _ci_column(table, name)
+        for m, v in r["summary"]["statistics"]["measures"].items():
+            sp = v["spearman"]
+            table.add_row(
+                m,
+                _cell(sp["pooled"], two_lines=True),
+                _cell(sp["within"], "n_defined", two_lines=True),
+                _cell(sp["unique"], "n_ids", two_lines=True),
+            )
+        tables.append(table)
+    return Group(Text("Spearman rho(H, strength) [95% CI over responses]", style="bold"), *tables)
 
 
 def compare_markdown(runs: list[dict[str, Any]]) -> str:
@@ -415,4 +448,7 @@ def compare_markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["RunResult", "compare", "compare_markdown", "load_run", "print_summary", "read_tokens_csv", "run", "write_tokens_csv"]
+__all__ = [
+    "RunResult", "compare", "compare_markdown", "compare_table", "load_run", "print_summary", "read_tokens_csv", "run",
+    "summary_table", "write_tokens_csv",
+]  # fmt: skip

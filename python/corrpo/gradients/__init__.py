@@ -4,7 +4,7 @@
     out = token_strengths(model, input_ids)        # any Hugging Face causal LM
     out.entropy_bits, out.l1_mean, out.nuclear_qkvo
 
-Needs torch and transformers (``pip install 'corrpo[gradients]'``); ``import corrpo`` does
+Needs torch and transformers (``pip install '.[gradients]' in the corrpo checkout``); ``import corrpo`` does
 not import this package.
 """
 

@@ -1,4 +1,4 @@
-"""The reference GRPO/CorR-PO trainer (``pip install 'corrpo[train]'``; the command is
+"""The reference GRPO/CorR-PO trainer (in the corrpo checkout: ``pip install '.[train]' ./server``; the command is
 ``corrpo-train``). A small transformer learns column addition with a scratchpad, first by
 SFT, then by RL whose rewards and advantages come from corrpo's reward server.
 

@@ -9,7 +9,7 @@ GRPO and CorR-PO (or any arms of settings) for several seeds from a shared SFT m
 seed, then tables and plots them; ``plot`` redraws the figures of finished runs or studies. Every setting of
 ``TrainConfig`` is a flag (``--rl-steps 50``) and a key of the TOML file.
 
-Needs the trainer's extra: pip install 'corrpo[train]' ./server
+Needs the trainer's extra and the server, from the corrpo checkout: pip install '.[train]' ./server
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ def _set_threads(threads: int) -> None:
     while one thread per process only loses its fair share."""
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
+
+
+def _set_deterministic() -> None:
+    """Before torch starts CUDA: cuBLAS needs a fixed workspace for deterministic matrix
+    products (torch.use_deterministic_algorithms refuses them without it); children inherit
+    it. The trainer turns torch's deterministic algorithms on (``Trainer``)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def _local_server(out: Path, cfg: TrainConfig) -> Any:
@@ -95,8 +102,10 @@ def _serve(stack: ExitStack, cfg: TrainConfig, out: Path) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = configuration.load(args.config, configuration.overrides(args))
-    if cfg.threads:
-        _set_threads(cfg.threads)
+    if cfg.pool_threads:
+        _set_threads(cfg.pool_threads)
+    if cfg.deterministic:
+        _set_deterministic()
     from . import dist, report
     from .loop import Trainer
 
@@ -110,13 +119,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             trainer = Trainer(cfg, out, world, init_from=args.init_from, progress=not args.no_progress)
             records = trainer.run(client)
         if world.is_root:
-            summary = {"config": cfg.to_dict(), "world_size": world.size, "device": str(world.device), **report.summarize(records)}
+            import torch
+
+            # What the settings came to in this process (threads = 0 leaves torch its default).
+            runtime = {"torch_threads": torch.get_num_threads(), "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+            summary = {
+                "config": cfg.to_dict(), "world_size": world.size, "device": str(world.device), "runtime": runtime, **report.summarize(records)
+            }  # fmt: skip
             from .state import write_json
 
             write_json(out / "config.json", cfg.to_dict())
             write_json(out / "summary.json", summary)
             plot = report.plot_run(records, out / "training.png", _describe(cfg))
-            report.print_summary(summary, f"corrpo-train: {cfg.method}, seed {cfg.seed}")
+            report.print_table(report.summary_table(summary, f"corrpo-train: {cfg.method}, seed {cfg.seed}"))
             print(report.reading(summary, cfg.to_dict()))
             print(f"metrics: {out / 'metrics.jsonl'}\nsummary: {out / 'summary.json'}\nplot:    {plot}")
     finally:
@@ -161,7 +176,7 @@ def _toml(cfg: TrainConfig) -> str:
 def cmd_study(args: argparse.Namespace) -> int:
     """SFT once per seed, then each method from that SFT model, in parallel subprocesses."""
     cfg = configuration.load(args.config, configuration.overrides(args))
-    from tqdm.auto import tqdm
+    from corrpo.progress import Progress
 
     from . import report
     from .state import MetricsLog, write_json
@@ -204,17 +219,15 @@ def cmd_study(args: argparse.Namespace) -> int:
                 ]:
                     f.result()
 
-        bar = tqdm(total=sum(n for _, n in runs.values()), desc="corrpo-train study", unit="step", dynamic_ncols=True)
-        with ThreadPoolExecutor(jobs) as pool:
+        # Polled each second; in a log, a line a minute at most and one at the end.
+        with Progress(sum(n for _, n in runs.values()), desc="corrpo-train study", unit="step") as bar, ThreadPoolExecutor(jobs) as pool:
             futures: list[Future[None]] = [pool.submit(seed_runs, s) for s in args.seeds]
             while not all(f.done() for f in futures):
                 time.sleep(1.0)
-                bar.n = sum(min(n, max(0, MetricsLog(out / "metrics.jsonl").lines() - skip)) for out, (skip, n) in runs.items())
-                bar.refresh()
+                bar.goto(sum(min(n, max(0, MetricsLog(out / "metrics.jsonl").lines() - skip)) for out, (skip, n) in runs.items()))
             for f in futures:
                 f.result()
-        bar.n = bar.total
-        bar.close()
+            bar.goto(bar.total)
     study = report.load_study(root)
     rows, table = report.study_table(study)
     minutes = (time.perf_counter() - started) / 60
@@ -222,7 +235,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     (root / "results.md").write_text(table)
     title = f"{' vs '.join(arms)}: {cfg.model} model, {cfg.digits}-digit addition"
     plot = report.plot_study(study, root / "study.png", title)
-    print(table)
+    report.print_table(report.study_console_table(rows))
     print(report.study_reading(rows, study, base.to_dict()))
     print(f"study: {root / 'study.json'}\ntable: {root / 'results.md'}\nplot:  {plot}\ntime:  {minutes:.1f} min")
     return 0
@@ -254,7 +267,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             if not study:
                 raise SystemExit(f"{path} holds neither a run (metrics.jsonl) nor a study (seed*/<method>/metrics.jsonl)")
             print(report.plot_study(study, path / "study.png", path.name))
-            print(report.study_table(study)[1])
+            report.print_table(report.study_console_table(report.study_table(study)[0]))
     return 0
 
 
@@ -304,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as err:  # installed without its extra: torch and friends are imported on use
         print(
-            f"corrpo-train: error: {err.name} is not installed; corrpo-train needs its extra: pip install 'corrpo[train]' "
-            "(and pip install ./server from the corrpo repository for the local reward server)",
+            f"corrpo-train: error: {err.name} is not installed; corrpo-train needs its extra and the local reward "
+            "server: pip install '.[train]' ./server (in the corrpo checkout)",
             file=sys.stderr,
         )
         return 2

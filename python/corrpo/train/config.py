@@ -86,6 +86,10 @@ class TrainConfig:
     # CPU threads of each pool (torch, OpenMP/MKL/OpenBLAS, the native core's rayon) in each
     # process of the run, the local server included; 0 leaves every library its default.
     threads: int = 0
+    # Repeat a run bit for bit on one machine: torch's deterministic algorithms (and cuBLAS's
+    # fixed workspace on a GPU) and fixed thread counts (threads, or 1 where threads is 0).
+    # Another CPU or GPU still gives other numbers: its kernels round differently.
+    deterministic: bool = False
     eval_every: int = 25  # held-out accuracy every this many steps of each phase (and at the end)
     checkpoint_every: int = 25
     weight_decay: float = 0.0
@@ -127,6 +131,11 @@ class TrainConfig:
         """The measure the run's rho is of."""
         return "logit_grad" if self.strength == "logit_grad" else MEASURE
 
+    @property
+    def pool_threads(self) -> int:
+        """The size of every CPU thread pool of the run (0: each library's default)."""
+        return self.threads or (1 if self.deterministic else 0)
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -136,7 +145,7 @@ class TrainConfig:
     def training_identity(self) -> dict[str, Any]:
         """The settings that decide what is computed (a resumed run must match them)."""
         return {
-            k: v for k, v in self.to_dict().items() if k not in ("server", "threads", "eval_every", "checkpoint_every", "server_model")
+            k: v for k, v in self.to_dict().items() if k not in ("server", "threads", "deterministic", "eval_every", "checkpoint_every", "server_model")
         }
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import corrpo
+from corrpo.progress import Progress
 
 from .config import SIZES, TrainConfig
 from .dist import World
@@ -140,8 +141,13 @@ class Trainer:
         self.world = world
         self.init_from = init_from
         self.progress = progress and world.is_root
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        if cfg.pool_threads:
+            torch.set_num_threads(cfg.pool_threads)
+        if cfg.deterministic:
+            # Weights come from torch.manual_seed(seed) (build_model), every draw from a
+            # generator keyed by (seed, stream, step, prompt) (draw): all that is left to fix is
+            # which kernels run, and the thread counts that split their sums.
+            torch.use_deterministic_algorithms(True)
         self.task = AdditionTask(cfg.digits, cfg.data_seed, cfg.eval_size)
         self.policy = build_model(cfg, self.task).to(world.device)
         self.model: torch.nn.Module = self.policy
@@ -498,8 +504,7 @@ class Trainer:
         record["elapsed_s"] = round(time.perf_counter() - started, 3)
         if self.world.is_root:
             self.metrics.append(record)
-            bar.update(1)
-            bar.set_postfix_str(_postfix(record), refresh=False)
+            bar.update(1, status=_postfix(record), milestone=record["eval_accuracy"] is not None)
         if step % cfg.checkpoint_every == 0 and step != last:
             self._checkpoint(phase, step)
         elif step == last and phase == "rl":
@@ -512,7 +517,7 @@ def _fingerprint_figures(fp: corrpo.Fingerprint) -> dict[str, Any]:
         "rho_unique": fp.rho_unique,
         "rho_rollout_mean": fp.rho_rollout_mean,
         "entropy_mean": fp.entropy_mean,
-        "grad_norm_mean": fp.grad_norm_mean,
+        "grad_norm_mean": fp.strength_mean,
     }
 
 
@@ -589,7 +594,6 @@ def _postfix(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="corrpo-train", unit="step", dynamic_ncols=True)
+def _progress(total: int, initial: int, enabled: bool) -> Progress:
+    # A bar on a terminal; in a log, a line at each evaluation (and a minute apart at most).
+    return Progress(total, initial=initial, enabled=enabled, desc="corrpo-train", unit="step")

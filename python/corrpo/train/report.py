@@ -184,15 +184,52 @@ SUMMARY_ROWS = (
 )
 
 
-def print_summary(summary: dict[str, Any], title: str) -> None:
-    from rich.console import Console
+def summary_table(summary: dict[str, Any], title: str) -> Any:
+    """The rich table of a run's figures (``SUMMARY_ROWS``)."""
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column("figure")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", no_wrap=True)
     for label, key in SUMMARY_ROWS:
         table.add_row(label, _fmt(summary.get(key)))
+    return table
+
+
+def study_console_table(rows: list[dict[str, Any]]) -> Any:
+    """``study_table``'s rows as a rich table that fits 80 columns: one line per seed, so
+    that no column holds a list and no ``mean ± std`` breaks (the seconds spent on S are
+    in results.md and study.json)."""
+    from rich.table import Table
+
+    table = Table(
+        title="Held-out accuracy (greedy), and pooled rho over the last 10 RL steps",
+        caption="one line per seed; gain: the mean of end - after SFT; rho S, rho G: rho(H, S), rho(H, G)",
+    )
+    table.add_column("arm", overflow="fold")  # free text: the one column that may wrap
+    for header in ("seed", "after SFT", "end", "mean ± std", "gain", "rho S", "rho G"):
+        table.add_column(header, justify="right", no_wrap=header == "mean ± std")
+
+    def per_seed(values: list[Any], digits: int = 3) -> str:
+        return "\n".join(_fmt(v, digits) for v in values)
+
+    for row in rows:
+        table.add_row(
+            row["arm"],
+            per_seed(row["seeds"]),
+            per_seed(row["held_out_after_sft"]),
+            per_seed(row["held_out_final"]),
+            f"{row['held_out_final_mean']:.3f} ± {row['held_out_final_std']:.3f}",
+            f"{row['gain_mean']:+.3f}",
+            per_seed(row["rho_pooled_rl_last10"], 2),
+            per_seed(row["rho_pooled_logit_grad_rl_last10"], 2),
+        )
+    return table
+
+
+def print_table(table: Any) -> None:
+    from rich.console import Console
+
     Console().print(table)
 
 
