@@ -72,6 +72,7 @@ def test_sft_trainer_logs_the_oracles_statistics_at_the_last_step(tmp_path) -> N
 
     logged = [e for e in trainer.state.log_history if "fingerprint/n_tokens" in e]
     assert [e["step"] for e in logged] == [0, 3, 4], "at the start, every 3 steps and at the last step"
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4], "the trainer's own log is kept"
     last = logged[-1]
     # The oracle: the probe set rebuilt from what the callback wrote, scored by brute force.
     columns = np.load(tmp_path / "run" / "fingerprint" / "step-000004.npz")

@@ -174,10 +174,14 @@ class FingerprintCallback(TrainerCallback):
         if state.is_world_process_zero:
             self._write(state.global_step, columns, entry)
         # Trainer.log itself, not a subclass's: GRPOTrainer's log would flush its own metrics
-        # (averaged since its last log) into this entry.
+        # (averaged since its last log) into this entry. Its on_log event clears should_log,
+        # which the trainer reads after on_step_end to log this step's loss: kept as it was.
         from transformers import Trainer
 
+        control = self.trainer.control
+        should_log = control.should_log
         Trainer.log(self.trainer, dict(entry["metrics"]))
+        control.should_log = should_log
 
     def _responses(self, model: Any, rank: int, size: int) -> list[Response]:
         """This process's share of the probe set: texts as responses after their first
