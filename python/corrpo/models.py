@@ -271,6 +271,11 @@ def _load_gguf(p: Path, dt: Any, device_map: Any, random_init: bool, seed: int) 
             model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dt, device_map=device_map)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ConfigError(f"could not load the GGUF model {str(p)!r}: {_first_line(err)}") from err
+    if getattr(model, "hf_quantizer", None) is not None:
+        # The weights are dequantized to ``dt`` on load, but transformers keeps its GGUF
+        # quantizer on the model as a marker: Trainer would refuse to fine-tune it ("purely
+        # quantized models") and save_pretrained would write a quantization_config.
+        model.hf_quantizer.remove_quantization_config(model)
     return Loaded(model, tokenizer, "gguf", p.stem, str(p), random_init, tokenizer_error)
 
 
