@@ -587,7 +587,7 @@ def table_paper(results: list[dict[str, Any]]) -> list[str]:
 
 def table_views(results: list[dict[str, Any]], measure: str) -> list[str]:
     lines = [
-        f"## 2. `{measure}`: pooled over tokens, within responses, over unique ids",
+        f"## 2. The views of `{measure}`: pooled over tokens, within responses, over unique ids",
         "",
         f"| model | run | step | pooled | within | unique |",
         "|---|---|---|---|---|---|",

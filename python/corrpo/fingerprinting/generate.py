@@ -165,6 +165,20 @@ def _until_eos(new: list[int], eos: list[int]) -> list[int]:
     return new
 
 
+def _response(index: int, prompt: Prompt, sample: int, text: str, ids: list[int], new: list[int], tokenizer: Any, eos: list[int]) -> Response:
+    return Response(
+        index=index,
+        prompt_index=prompt.index,
+        sample=sample,
+        id=prompt.id,
+        prompt=text,
+        response=tokenizer.decode(new, skip_special_tokens=False),
+        prompt_ids=ids,
+        response_ids=new,
+        finished=bool(new) and new[-1] in eos,
+    )
+
+
 def generate_responses(
     model: Any,
     tokenizer: Any,
@@ -203,19 +217,7 @@ def generate_responses(
             with torch.no_grad():
                 y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
             new = _until_eos([int(t) for t in y[0, len(ids) :].tolist()], eos)
-            out.append(
-                Response(
-                    index=len(out),
-                    prompt_index=prompt.index,
-                    sample=k,
-                    id=prompt.id,
-                    prompt=text,
-                    response=tokenizer.decode(new, skip_special_tokens=False),
-                    prompt_ids=ids,
-                    response_ids=new,
-                    finished=bool(new) and new[-1] in eos,
-                )
-            )
+            out.append(_response(len(out), prompt, k, text, ids, new, tokenizer, eos))
             if progress is not None:
                 progress(1)
     return out
@@ -253,19 +255,7 @@ def generate_batch(
     out = []
     for row, (prompt, (text, ids)) in enumerate(zip(prompts, encoded)):
         new = _until_eos([int(t) for t in y[row, width:].tolist()], eos)
-        out.append(
-            Response(
-                index=first_index + row,
-                prompt_index=prompt.index,
-                sample=0,
-                id=prompt.id,
-                prompt=text,
-                response=tokenizer.decode(new, skip_special_tokens=False),
-                prompt_ids=ids,
-                response_ids=new,
-                finished=bool(new) and new[-1] in eos,
-            )
-        )
+        out.append(_response(first_index + row, prompt, 0, text, ids, new, tokenizer, eos))
     return out
 
 
