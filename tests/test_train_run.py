@@ -81,9 +81,11 @@ def test_run_writes_every_step_and_the_server_scored_each_rl_step(reference_run:
     config = json.loads((reference_run / "config.json").read_text())  # written at the end
     assert config["method"] == "corrpo"
     scored = [e for e in server.events() if str(e.get("request_id", "")).startswith("corrpo-train/")]
-    steps = {int(e["request_id"].rsplit("/", 1)[1]) for e in scored if e["status"] == "OK"}
-    assert steps >= set(range(1, RL + 1))
-    assert all(e["rollouts"] == 16 for e in scored)
+    # (An attempt that failed before its payload was read, on a loaded machine, and was
+    # retried, logs no rollouts: only the answered ones are counted.)
+    answered = [e for e in scored if e["status"] == "OK"]
+    assert {int(e["request_id"].rsplit("/", 1)[1]) for e in answered} >= set(range(1, RL + 1))
+    assert all(e["rollouts"] == 16 for e in answered)
     summary = json.loads((reference_run / "summary.json").read_text())
     assert summary["rl_steps"] == RL and summary["held_out_accuracy"] == records[-1]["eval_accuracy"]
     assert (reference_run / "training.png").stat().st_size > 10_000
