@@ -152,7 +152,9 @@ study: native $(VENV)/.train-deps
 # (base) on corrpo.traces, seeds 0 and 1, with the fingerprint monitor; each architecture's
 # random-init control; GRPO and CorR-PO (gated, nuclear_qkvo) from SFT seed 0 of each model in
 # REAL_RL_MODELS; then REAL_OUT/report.md and REAL_OUT/img. Two runs at a time, one thread each
-# (each run's output in REAL_OUT/<model>/<run>.log); about 75 minutes on 2 cores. REAL_ARGS go
+# (each run's output in REAL_OUT/<model>/<run>.log); about 80 minutes on 2 cores (78 measured in
+# docs/results.md, with other jobs on the machine). The texts-vs-weights check of the final
+# checkpoints (examples/study/crossed_texts.py) follows the runs. REAL_ARGS go
 # to every run (the problem split, probes and accuracy set: examples/study/real_models.py -h).
 REAL_OUT ?= runs/study-real
 REAL_ARGS ?=
@@ -178,6 +180,8 @@ study-real: native $(VENV)/.study-real-deps
 	for model in $(REAL_RL_MODELS); do \
 		$(call real_pair,$(call real_run,rl --init $(REAL_OUT)/$$model/sft-seed0/final --arm grpo $(REAL_RL_ARGS),$$model/rl-grpo-seed0),$(call real_run,rl --init $(REAL_OUT)/$$model/sft-seed0/final --arm corrpo $(REAL_RL_ARGS),$$model/rl-corrpo-seed0)); \
 	done; \
+	$(PY) examples/study/crossed_texts.py $(REAL_OUT)/gemma3-270m/sft-seed0 --weights gemma3-270m $(REAL_OUT)/gemma3-270m/sft-seed0/final --steps 0 16; \
+	$(PY) examples/study/crossed_texts.py $(REAL_OUT)/smollm2/sft-seed1 --weights smollm2 $(REAL_OUT)/smollm2/sft-seed1/final --steps 0 40; \
 	$(REAL) report $(REAL_OUT) --out-md $(REAL_OUT)/report.md --out-img $(REAL_OUT)/img; \
 	echo "make study-real: $$(( $$(date +%s) - start )) s (after the build)"
 
