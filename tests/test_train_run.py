@@ -80,12 +80,16 @@ def test_run_writes_every_step_and_the_server_scored_each_rl_step(reference_run:
     # Every RL step went through the server as one Score request of P x G rollouts.
     config = json.loads((reference_run / "config.json").read_text())  # written at the end
     assert config["method"] == "corrpo"
-    scored = [e for e in server.events() if str(e.get("request_id", "")).startswith("corrpo-train/")]
-    # (An attempt that failed before its payload was read, on a loaded machine, and was
-    # retried, logs no rollouts: only the answered ones are counted.)
-    answered = [e for e in scored if e["status"] == "OK"]
-    assert {int(e["request_id"].rsplit("/", 1)[1]) for e in answered} >= set(range(1, RL + 1))
-    assert all(e["rollouts"] == 16 for e in answered)
+    # Other runs of this module score on the same server (request ids corrpo-train/<run>/rl/<step>):
+    # this run is the one with RL steps.
+    runs: dict[str, list[dict]] = {}
+    for e in server.events():
+        if str(e.get("request_id", "")).startswith("corrpo-train/") and e["status"] == "OK":
+            runs.setdefault(e["request_id"].split("/")[1], []).append(e)
+    mine = [events for events in runs.values() if len(events) >= RL]
+    assert len(mine) == 1, {run: len(events) for run, events in runs.items()}
+    assert sorted(int(e["request_id"].rsplit("/", 1)[1]) for e in mine[0]) == list(range(1, RL + 1))
+    assert all(e["rollouts"] == 16 for e in mine[0])
     summary = json.loads((reference_run / "summary.json").read_text())
     assert summary["rl_steps"] == RL and summary["held_out_accuracy"] == records[-1]["eval_accuracy"]
     assert (reference_run / "training.png").stat().st_size > 10_000
